@@ -1,0 +1,1 @@
+"""Deployment: hugepage setup, systemd unit, example configs and the network namespace lab."""

@@ -1,0 +1,1 @@
+"""The primary process: creates the shared memory, the ports and the tables, serves IPC."""

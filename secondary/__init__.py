@@ -1,0 +1,1 @@
+"""Secondary processes that attach to the primary's memory: workers, stats, capture."""

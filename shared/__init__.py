@@ -1,0 +1,1 @@
+"""Library code every hotplane process uses: memory, rings, tables, packets, IPC."""

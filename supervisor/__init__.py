@@ -1,0 +1,1 @@
+"""The supervisor process: the process tree, restarts, upgrades, and the operator CLI."""
