@@ -1,0 +1,88 @@
+"""EAL option parsing: the same rules for every process, exit code 2 on bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hotplane.shared.eal import UsageError, parse_eal, parse_lcores
+
+
+def test_defaults_and_app_args():
+    o = parse_eal(["--", "--json", "x"])
+    assert o.file_prefix == "hotplane" and o.proc_type == "auto"
+    assert o.app_args == ["--json", "x"]
+    assert o.memory_bytes == 256 << 20
+
+
+def test_all_options():
+    o = parse_eal(["--file-prefix", "gw1", "--proc-type", "primary", "--huge-dir", "/dev/hugepages", "--socket-mem", "64,64",
+                   "--base-virtaddr", "0x200000000000", "--lcores", "0", "--vdev", "ring:in", "--vdev", "ring:out"])
+    assert o.socket_mem_mb == 128
+    assert o.base_virtaddr == 0x200000000000
+    assert o.lcores == [0]
+    assert o.vdevs == ["ring:in", "ring:out"]
+    assert parse_eal(o.to_argv()).to_argv() == o.to_argv()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--bogus"], "unknown EAL option"),
+    (["--no-huge", "--huge-dir", "/x"], "contradict"),
+    (["--proc-type", "secondary", "--socket-mem", "64"], "--socket-mem is the primary's choice"),
+    (["--proc-type", "secondary", "--no-huge"], "--no-huge is the primary's choice"),
+    (["--proc-type", "bogus"], "invalid choice"),
+    (["--socket-mem", "0"], "positive"),
+    (["--socket-mem", "lots"], "megabytes"),
+    (["--base-virtaddr", "0x1234"], "2 MiB aligned"),
+    (["--base-virtaddr", "0x7f0000000000"], "outside"),
+    (["--file-prefix", "a/b"], "--file-prefix"),
+    (["--lcores", "3-1"], "backwards"),
+    (["--lcores", "999"], "not available"),
+])
+def test_bad_options(argv, needle):
+    with pytest.raises(UsageError, match=needle):
+        parse_eal(argv)
+
+
+def test_role_pins_proc_type():
+    assert parse_eal([], role="primary").proc_type == "primary"
+    with pytest.raises(UsageError, match="contradicts this command"):
+        parse_eal(["--proc-type", "secondary"], role="primary")
+
+
+def test_lcores_list():
+    assert parse_lcores("0-2,5,1") == [0, 1, 2, 5]
+
+
+def test_default_base_differs_per_prefix():
+    a, b = parse_eal(["--file-prefix", "a"]), parse_eal(["--file-prefix", "b"])
+    assert a.default_base() != b.default_base()
+    assert a.default_base() % (2 << 20) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cmd", ["primary", "memzones"])
+def test_cli_exit_code_2(cmd):
+    r = subprocess.run([sys.executable, "-m", "hotplane.supervisor.cli", cmd, "--no-such-option"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "unknown EAL option" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_cli_unknown_command():
+    r = subprocess.run([sys.executable, "-m", "hotplane.supervisor.cli", "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_lcores_applied(monkeypatch):
+    from hotplane.shared.eal import apply_affinity
+
+    before = os.sched_getaffinity(0)
+    try:
+        cpu = min(before)
+        apply_affinity(parse_eal(["--lcores", str(cpu)]))
+        assert os.sched_getaffinity(0) == {cpu}
+    finally:
+        os.sched_setaffinity(0, before)
