@@ -1,0 +1,57 @@
+"""Ports placed in the instance memory: ring ports' zones reserved by the primary, attached by others."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hotplane.schema.port import FRAME_RING, QUEUE_STATE
+from hotplane.shared.memzone import Directory, MemzoneError
+from hotplane.shared.ring_port import PortSpec, RingPort, parse_port_spec, zone_names
+from hotplane.shared.steering import Steering
+
+
+def _layout_of(zone_name: str):
+    return QUEUE_STATE if zone_name.endswith(".state") else FRAME_RING
+
+
+def reserve_ring_port(directory: Directory, spec: PortSpec | str) -> tuple[RingPort, bool]:
+    """The primary's side: the port's zones, created on first start and re-attached after.
+
+    Returns (port, created). A restarted primary finds the zones and their
+    contents (frames in flight, cursors) exactly as they were.
+    """
+    spec = parse_port_spec(spec) if isinstance(spec, str) else spec
+    if spec.type != "ring":
+        raise ValueError(f"{spec} is not a ring port")
+    buffers: dict[str, np.ndarray] = {}
+    created_any = existing_any = False
+    for name, size in RingPort.layout_for(spec):
+        z, created = directory.reserve_or_lookup(name, size, _layout_of(name), align=4096)
+        buffers[name] = z.view[:size]
+        created_any |= created
+        existing_any |= not created
+    if created_any and existing_any:
+        raise MemzoneError(f"ring port {spec.name}: some of its zones exist and some do not: run 'hotplane cleanup --file-prefix {directory.prefix}'")
+    return RingPort.from_spec(spec, buffers, create=created_any), created_any
+
+
+def attach_ring_port(directory: Directory, spec: PortSpec | str, steering: Steering | None = None) -> RingPort:
+    """A secondary's (worker, generator, sink) view of a ring port the primary created."""
+    spec = parse_port_spec(spec) if isinstance(spec, str) else spec
+    state = directory.lookup(zone_names(spec.name, 1)["state"])
+    if state is None:
+        known = sorted({z.name.split(".")[1] for z in directory.list() if z.name.startswith("ring.")})
+        raise MemzoneError(f"instance {directory.prefix!r} has no ring port {spec.name!r} (it has: {', '.join(known) or 'none'})")
+    buffers = {state.name: state.view}
+    from hotplane.shared.burst import QueueState
+
+    nq = QueueState.attach(state.view).nqueues
+    for key, name in zone_names(spec.name, nq).items():
+        if key == "state":
+            continue
+        z = directory.lookup_checked(name, FRAME_RING)
+        buffers[name] = z.view
+    port = RingPort.attach(spec.name, buffers, steering)
+    if steering is None and "steer" in spec.options:
+        port.steering = Steering(spec.options["steer"], port.nqueues, spec.options.get("port_lo", 1024), spec.options.get("block"))
+    return port
