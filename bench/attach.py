@@ -21,7 +21,7 @@ from hotplane.bench.report import emit
 
 
 def _start_primary(env: dict, prefix: str, extra: list[str]) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "hotplane.supervisor.cli", "primary", "--file-prefix", prefix, "--socket-mem", "64", *extra, "--", "--json"],
+    p = subprocess.Popen([sys.executable, "-m", "hotplane.supervisor.cli", "primary", "--file-prefix", prefix, "--socket-mem", "64", *extra, "--", "--json", "--bare"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     if not line:
@@ -59,7 +59,7 @@ def _measure(mode: str, extra: list[str], n: int, nproc: int) -> dict:
         proc_ms, bare_ms = [], []
         for _ in range(nproc):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "hotplane.supervisor.cli", "memzones", "--file-prefix", prefix, "--", "--json"], env=env, capture_output=True, check=True)
+            subprocess.run([sys.executable, "-m", "hotplane.supervisor.cli", "memzones", "--file-prefix", prefix, "--", "--json", "--bare"], env=env, capture_output=True, check=True)
             proc_ms.append((time.perf_counter() - t0) * 1e3)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-c", "import numpy"], capture_output=True, check=True)

@@ -1,48 +1,180 @@
-"""The primary process: creates (or re-attaches) the instance memory and holds it.
+"""The primary process: creates (or re-attaches) the instance memory, the ports and tables.
 
-``hotplane primary [EAL] -- [--json]``. On start it prints one ready line
-(JSON with ``--json``) once the memory and directory are valid, then waits
-until SIGTERM/SIGINT. Its death loses nothing: the memory file stays, and a
-restarted primary re-attaches it and bumps the generation.
+``hotplane primary [EAL] -- [--inside SPEC] [--outside SPEC] [--workers N] [--json]``
+
+It reserves every zone the instance needs (re-attaching them after a restart,
+contents intact), opens af_packet sockets, serves the IPC channel that
+secondaries ask for their configuration and queue file descriptors, and
+reports READY. Its death loses nothing: the memory file stays, workers keep
+their mappings and sockets, and a restarted primary re-attaches and bumps the
+generation.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
+import os
 import signal
 import sys
-import threading
 
+from hotplane import __version__
+from hotplane.schema.counters import WORKER_COUNTERS
+from hotplane.schema.traffic import MAX_SLOTS, TRAFFIC_STATS
+from hotplane.shared.counters import CounterBlocks
 from hotplane.shared.eal import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, parse_or_exit
-from hotplane.shared.instance import InstanceError, describe, eal_init
+from hotplane.shared.instance import Instance, InstanceError, describe, eal_init
+from hotplane.shared.ready import report_ready
+from hotplane.shared.ring_port import parse_port_spec
+
+MAX_WORKERS = 16
+DEFAULT_MACS = {
+    "inside_gw": "02:68:70:00:00:01",
+    "outside_gw": "02:68:70:00:00:02",
+    "inside_peer": "02:68:70:00:01:01",
+    "outside_peer": "02:68:70:00:02:01",
+}
+
+
+def ipc_path(inst_or_dir) -> str:
+    d = inst_or_dir.runtime_dir if isinstance(inst_or_dir, Instance) else inst_or_dir
+    return str(d / "primary.sock")
+
+
+def app_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hotplane primary [EAL] --", description="primary process options")
+    ap.add_argument("--workers", type=int, default=2, help="worker slots (queues per port); default 2")
+    ap.add_argument("--inside", help="inside port spec (default ring:in,queues=WORKERS,steer=inside)")
+    ap.add_argument("--outside", help="outside port spec (default ring:out,queues=WORKERS,steer=outside)")
+    ap.add_argument("--pipeline", choices=("forward",), default="forward", help="what workers do to packets")
+    ap.add_argument("--bare", action="store_true", help="hold the memory and directory only: no ports, no tables")
+    ap.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    return ap
+
+
+class Primary:
+    """What the primary holds: zones, af_packet sockets, and its answers to secondaries."""
+
+    def __init__(self, inst: Instance, app: argparse.Namespace) -> None:
+        self.inst = inst
+        self.app = app
+        self.inside = parse_port_spec(app.inside or f"ring:in,queues={app.workers},steer=inside")
+        self.outside = parse_port_spec(app.outside or f"ring:out,queues={app.workers},steer=outside")
+        for role, spec in (("inside", self.inside), ("outside", self.outside)):
+            if spec.type not in ("ring", "af_packet"):
+                raise ValueError(f"--{role} {spec}: the gateway's ports are ring: or af_packet: ports")
+            if spec.queues != app.workers:
+                raise ValueError(f"--{role} {spec} has {spec.queues} queues but --workers is {app.workers}: each worker polls one queue of each port")
+        self.afp_queues: dict[str, list] = {}
+
+    def setup(self) -> None:
+        """Reserve (or re-attach) every zone; open af_packet sockets."""
+        from hotplane.shared import ports
+
+        d = self.inst.directory
+        z, created = d.reserve_or_lookup("counters", CounterBlocks.zone_size(MAX_WORKERS), WORKER_COUNTERS)
+        if created:
+            CounterBlocks.create(z.view, MAX_WORKERS)
+        else:
+            CounterBlocks.attach(z.view)
+        z, created = d.reserve_or_lookup("traffic", TRAFFIC_STATS.zone_size(MAX_SLOTS), TRAFFIC_STATS)
+        if created:
+            z.header(TRAFFIC_STATS)[0]["nslots"] = MAX_SLOTS
+            from hotplane.schema.registry import stamp
+
+            stamp(z.header(TRAFFIC_STATS), TRAFFIC_STATS)
+        for spec in (self.inside, self.outside):
+            if spec.type == "ring":
+                ports.reserve_ring_port(d, spec)
+            else:
+                from hotplane.shared.af_packet import open_af_packet_queues
+
+                ports.reserve_af_packet_state(d, spec)
+                o = spec.options
+                self.afp_queues[str(spec)] = open_af_packet_queues(
+                    spec.name, spec.queues, o["steer"], ports.ring_params_for(spec), port_lo=o.get("port_lo", 1024), block=o.get("block"))
+
+    def config(self) -> dict:
+        return {
+            "inside": str(self.inside),
+            "outside": str(self.outside),
+            "workers": self.app.workers,
+            "pipeline": self.app.pipeline,
+            "macs": DEFAULT_MACS,
+            "generation": self.inst.generation,
+            "version": __version__,
+        }
+
+    async def handle(self, channel, request):
+        from hotplane.shared.ipc import RemoteError
+
+        m, p = request.method, request.params or {}
+        if m == "config":
+            return self.config(), ()
+        if m == "status":
+            return describe(self.inst), ()
+        if m == "af_packet_queue":
+            qs = self.afp_queues.get(p.get("port"))
+            q = int(p.get("queue", -1))
+            if qs is None or not 0 <= q < len(qs):
+                raise RemoteError("not_found", f"no af_packet queue {p.get('port')!r}#{q}")
+            return {"ring_params": qs[q].params.to_dict()}, (qs[q].fd,)
+        raise RemoteError("unknown_method", f"primary: unknown method {m!r}")
+
+
+async def _serve(primary: Primary, app: argparse.Namespace) -> None:
+    from hotplane.shared import ipc
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = await ipc.serve(ipc_path(primary.inst), primary.handle)
+    info = describe(primary.inst)
+    info["created"] = primary.inst.created
+    info["ipc"] = ipc_path(primary.inst)
+    report_ready("primary", info, as_json=app.json)
+    if not app.json:
+        how = "hugepages" if primary.inst.memory.hugepages else "4 KiB pages"
+        state = "created" if primary.inst.created else "re-attached"
+        print(f"primary pid {os.getpid()} prefix {primary.inst.prefix} generation {primary.inst.generation}: {state} "
+              f"{primary.inst.memory.size >> 20} MiB on {how} at {info['base']} ({len(info['zones'])} zones)", flush=True)
+    await stop.wait()
+    await server.close()
 
 
 def main(argv: list[str]) -> int:
     opts = parse_or_exit(argv, prog="hotplane primary", role="primary")
-    ap = argparse.ArgumentParser(prog="hotplane primary ... --", add_help=True)
-    ap.add_argument("--json", action="store_true", help="print the ready line as JSON")
     try:
-        app = ap.parse_args(opts.app_args)
+        app = app_parser().parse_args(opts.app_args)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    if not 1 <= app.workers <= MAX_WORKERS:
+        print(f"hotplane primary: --workers must be 1..{MAX_WORKERS}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         inst = eal_init(opts)
     except InstanceError as e:
         print(f"hotplane primary: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    info = describe(inst)
-    info["event"] = "ready"
-    info["created"] = inst.created
-    if app.json:
-        print(json.dumps(info), flush=True)
-    else:
-        how = "hugepages" if inst.memory.hugepages else "4 KiB pages"
-        state = "created" if inst.created else "re-attached"
-        print(f"READY primary pid {info['pid']} prefix {inst.prefix} generation {inst.generation}: {state} {inst.memory.size >> 20} MiB on {how} at {info['base']} ({len(info['zones'])} zones)", flush=True)
-    stop.wait()
-    inst.close()
+    try:
+        primary = Primary(inst, app)
+        if not app.bare:
+            primary.setup()
+    except Exception as e:  # a bad port or config is the operator's to fix, not a crash
+        from hotplane.shared.af_packet import AfPacketError
+        from hotplane.shared.memzone import MemzoneError
+        from hotplane.schema.registry import SchemaError
+
+        if not isinstance(e, (ValueError, AfPacketError, MemzoneError, SchemaError)):
+            raise
+        print(f"hotplane primary: {e}", file=sys.stderr)
+        inst.close()
+        return EXIT_FAILURE
+    try:
+        import uvloop
+
+        uvloop.run(_serve(primary, app))
+    finally:
+        inst.close()
     return EXIT_OK

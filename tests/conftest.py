@@ -88,7 +88,7 @@ class InstanceEnv:
 
     def start_primary(self, *eal: str, timeout: float = 30) -> tuple[subprocess.Popen, dict]:
         """Start a primary and wait for its JSON ready line (an event, not a timer)."""
-        p = self.spawn(["primary", *self.eal(*eal), "--", "--json"])
+        p = self.spawn(["primary", *self.eal(*eal), "--", "--json", "--bare"])
         line = read_line(p, timeout)
         if not line:
             p.kill()
