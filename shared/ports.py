@@ -55,3 +55,53 @@ def attach_ring_port(directory: Directory, spec: PortSpec | str, steering: Steer
     if steering is None and "steer" in spec.options:
         port.steering = Steering(spec.options["steer"], port.nqueues, spec.options.get("port_lo", 1024), spec.options.get("block"))
     return port
+
+
+def af_packet_state_zone(spec: PortSpec) -> str:
+    return f"afp.{spec.name}.state"
+
+
+def reserve_af_packet_state(directory: Directory, spec: PortSpec):
+    """The queue-state zone of an af_packet port (cursors and ownership outlive workers)."""
+    from hotplane.shared.burst import QueueState
+
+    name = af_packet_state_zone(spec)
+    nq = spec.queues
+    z, created = directory.reserve_or_lookup(name, QueueState.zone_size(nq), QUEUE_STATE)
+    return (QueueState.create(z.view, nq) if created else QueueState.attach(z.view)), created
+
+
+def ring_params_for(spec: PortSpec):
+    from hotplane.shared.af_packet import RingParams
+
+    return RingParams(frame_size=spec.options["frame"], frame_nr=spec.options["slots"])
+
+
+def port_queue(directory: Directory, spec: PortSpec | str, qid: int, *, fds_from=None):
+    """A worker's Queue ``qid`` of a port: ring ports from memzones, af_packet from a passed fd.
+
+    ``fds_from(spec_str, qid) -> (fd, ring_params_dict)`` fetches an af_packet
+    queue's socket from the primary (over IPC).
+    """
+    from hotplane.shared.burst import Queue, QueueState
+    from hotplane.shared.frame_ring import FrameRing
+
+    spec = parse_port_spec(spec) if isinstance(spec, str) else spec
+    if spec.type == "ring":
+        port = attach_ring_port(directory, spec)
+        if qid >= port.nqueues:
+            raise ValueError(f"port {spec} has {port.nqueues} queues; queue {qid} does not exist")
+        return port.queues[qid], port
+    if spec.type == "af_packet":
+        from hotplane.shared.af_packet import RingParams, map_af_packet_queue
+
+        z = directory.lookup_checked(af_packet_state_zone(spec), QUEUE_STATE)
+        state = QueueState.attach(z.view)
+        if fds_from is None:
+            raise ValueError("af_packet queues come from the primary: no IPC channel given")
+        fd, params = fds_from(str(spec), qid)
+        rx, tx, doorbell = map_af_packet_queue(fd, RingParams.from_dict(params))
+        q = Queue(FrameRing.from_frames(rx), FrameRing.from_frames(tx), state.words[qid], doorbell, qid=qid)
+        q._keep = fd  # the socket must stay open as long as the rings are mapped
+        return q, None
+    raise ValueError(f"port {spec}: a worker cannot poll {spec.type} ports")
