@@ -14,7 +14,15 @@ from hotplane import __version__
 
 # name -> (module, help). Every module has main(argv) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("hotplane.supervisor.up", "start an instance under the supervisor (embedded default without -c)"),
+    "down": ("hotplane.supervisor.down", "stop an instance cleanly"),
+    "supervisor": ("hotplane.supervisor.main", "run the supervisor process in the foreground"),
     "primary": ("hotplane.primary.main", "run the primary process (creates/re-attaches the shared memory)"),
+    "worker": ("hotplane.secondary.worker", "run a worker: polls one queue of each port through the pipeline"),
+    "stats": ("hotplane.secondary.stats", "run the stats secondary (Prometheus exposition)"),
+    "gen": ("hotplane.secondary.gen", "traffic generator: stamped flows into a ring or af_packet port"),
+    "sink": ("hotplane.secondary.sink", "verifying sink: counts lost, duplicated, reordered, corrupted"),
+    "chaos": ("hotplane.supervisor.chaos", "inject faults into a live instance and report recovery"),
     "memzones": ("hotplane.secondary.memzones", "attach as a secondary and list the instance's memzones"),
     "cleanup": ("hotplane.supervisor.cleanup", "remove a stopped instance's memory and runtime files"),
     "bench": ("hotplane.bench.main", "run a benchmark (ring, table, attach, fastpath, ...)"),
