@@ -39,12 +39,24 @@ class ForwardPipeline:
         self.in_macs = (macs["inside_gw"], macs["inside_peer"])
         self.pb = ParsedBurst(capacity)
         self.drops = np.zeros(N_REASONS, np.int64)
+        self.forwarded = 0
+        self.punted = 0
+        self.emit: list[tuple[int, bytes]] = []
+        self._none = np.zeros(0, np.intp)
 
-    def process(self, direction: int, frames: np.ndarray, lengths: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Rewrite a burst in place; returns the indices to transmit. Drops are added to ``self.drops``.
+    def tick(self, now: float) -> None:
+        """Nothing ages in a plain forwarder."""
+
+    def process(self, direction: int, frames: np.ndarray, lengths: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rewrite a burst in place; returns (to_other, to_same) row indices. Drops go to ``self.drops``.
 
         ``direction`` 0 = inside -> outside, 1 = outside -> inside.
         """
+        idx = self._route(direction, frames, lengths, valid)
+        self.forwarded = int(idx.size)
+        return idx, self._none
+
+    def _route(self, direction: int, frames: np.ndarray, lengths: np.ndarray, valid: np.ndarray) -> np.ndarray:
         pb = self.pb
         parse_burst(frames, lengths, pb)
         n = lengths.shape[0]
