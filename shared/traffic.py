@@ -141,6 +141,9 @@ class Generator:
         Returns views (frames[n, size], lengths[n]) of scratch reused by the next call.
         """
         n = flow_idx.size
+        if n > self._buf.shape[0]:  # a bigger burst than planned: grow the scratch once
+            self._buf = np.zeros((n, self.size), np.uint8)
+            self._len = np.full(n, self.size, np.uint32)
         out = self._buf[:n]
         seq = self.seq[flow_idx]
         # A flow listed twice in one burst gets consecutive seqs.

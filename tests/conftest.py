@@ -96,6 +96,8 @@ class InstanceEnv:
             raise AssertionError(f"primary did not become ready (rc={p.returncode}): {err}")
         return p, json.loads(line)
 
+    read_line = staticmethod(lambda p, timeout: read_line(p, timeout))
+
     def teardown(self) -> None:
         for p in self.procs:
             if p.poll() is None:
