@@ -43,10 +43,13 @@ def ipc_path(inst_or_dir) -> str:
 
 def app_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hotplane primary [EAL] --", description="primary process options")
-    ap.add_argument("--workers", type=int, default=2, help="worker slots (queues per port); default 2")
+    ap.add_argument("--config", "-c", help="gateway configuration (TOML); implies --pipeline nat")
+    ap.add_argument("--workers", type=int, default=None, help="worker slots (queues per port); default 2 or the config's")
     ap.add_argument("--inside", help="inside port spec (default ring:in,queues=WORKERS,steer=inside)")
     ap.add_argument("--outside", help="outside port spec (default ring:out,queues=WORKERS,steer=outside)")
-    ap.add_argument("--pipeline", choices=("forward",), default="forward", help="what workers do to packets")
+    ap.add_argument("--pipeline", choices=("forward", "nat"), default=None, help="what workers do to packets (default: nat with a config, else forward)")
+    ap.add_argument("--mac", action="append", default=[], metavar="KEY=MAC",
+                    help="override a MAC the forward pipeline uses: inside_gw, outside_gw, inside_peer, outside_peer")
     ap.add_argument("--bare", action="store_true", help="hold the memory and directory only: no ports, no tables")
     ap.add_argument("--json", action="store_true", help="print the ready line as JSON")
     return ap
@@ -58,14 +61,61 @@ class Primary:
     def __init__(self, inst: Instance, app: argparse.Namespace) -> None:
         self.inst = inst
         self.app = app
-        self.inside = parse_port_spec(app.inside or f"ring:in,queues={app.workers},steer=inside")
-        self.outside = parse_port_spec(app.outside or f"ring:out,queues={app.workers},steer=outside")
+        self.config_toml: str | None = None
+        self.config_path: str | None = None
+        port_lo, block = 1024, None
+        inside, outside = app.inside, app.outside
+        if app.config or app.pipeline == "nat":
+            from hotplane.shared.nat_config import DEFAULT_CONFIG_TOML, load_config, parse_config
+
+            if app.config:
+                self.config_path = os.path.abspath(app.config)
+                self.config_toml = open(self.config_path).read()
+                cfg = load_config(self.config_path)
+            else:
+                self.config_toml = DEFAULT_CONFIG_TOML
+                cfg = parse_config(DEFAULT_CONFIG_TOML, source="<default config>")
+            if app.workers is None:
+                app.workers = cfg.nat.workers
+            elif app.workers != cfg.nat.workers:
+                raise ValueError(f"--workers {app.workers} contradicts the config's nat.workers = {cfg.nat.workers}")
+            port_lo, block = cfg.nat.port_lo, cfg.nat.block
+            inside = inside or f"{cfg.gateway.inside_port}"
+            outside = outside or f"{cfg.gateway.outside_port}"
+            app.pipeline = app.pipeline or "nat"
+        app.workers = app.workers or 2
+        app.pipeline = app.pipeline or "forward"
+        # Both directions of a session must meet on one worker (DESIGN invariant 2): the
+        # inside port steers by inside source, the outside by the worker's port block.
+        self.inside = parse_port_spec(self._with_defaults(inside or "ring:in", app.workers, "inside", port_lo, block))
+        self.outside = parse_port_spec(self._with_defaults(outside or "ring:out", app.workers, "outside", port_lo, block))
+        self.macs = dict(DEFAULT_MACS)
+        for kv in app.mac:
+            k, _, v = kv.partition("=")
+            if k not in DEFAULT_MACS or len(v.split(":")) != 6:
+                raise ValueError(f"--mac {kv!r}: use KEY=xx:xx:xx:xx:xx:xx with KEY one of {', '.join(DEFAULT_MACS)}")
+            self.macs[k] = v.lower()
         for role, spec in (("inside", self.inside), ("outside", self.outside)):
             if spec.type not in ("ring", "af_packet"):
                 raise ValueError(f"--{role} {spec}: the gateway's ports are ring: or af_packet: ports")
             if spec.queues != app.workers:
                 raise ValueError(f"--{role} {spec} has {spec.queues} queues but --workers is {app.workers}: each worker polls one queue of each port")
         self.afp_queues: dict[str, list] = {}
+        self.nat_zones: dict | None = None
+
+    @staticmethod
+    def _with_defaults(spec: str, workers: int, mode: str, port_lo: int, block: int | None) -> str:
+        opts = dict(o.split("=", 1) for o in spec.split(",")[1:] if "=" in o)
+        extra = []
+        if "queues" not in opts:
+            extra.append(f"queues={workers}")
+        if "steer" not in opts:
+            extra.append(f"steer={mode}")
+        if mode == "outside" and "port_lo" not in opts:
+            extra.append(f"port_lo={port_lo}")
+        if mode == "outside" and block is not None and "block" not in opts:
+            extra.append(f"block={block}")
+        return ",".join([spec, *extra])
 
     def setup(self) -> None:
         """Reserve (or re-attach) every zone; open af_packet sockets."""
@@ -93,6 +143,15 @@ class Primary:
                 o = spec.options
                 self.afp_queues[str(spec)] = open_af_packet_queues(
                     spec.name, spec.queues, o["steer"], ports.ring_params_for(spec), port_lo=o.get("port_lo", 1024), block=o.get("block"))
+                role = "inside" if spec is self.inside else "outside"
+                mac = self.afp_queues[str(spec)][0].mac
+                if not any(m.startswith(f"{role}_gw=") for m in self.app.mac):
+                    self.macs[f"{role}_gw"] = mac.hex(":") if isinstance(mac, (bytes, bytearray)) else str(mac)
+        if self.app.pipeline == "nat":
+            from hotplane.primary.nat_zones import reserve_nat_zones
+            from hotplane.shared.nat_config import parse_config
+
+            self.nat_zones = reserve_nat_zones(d, parse_config(self.config_toml, source=self.config_path or "<default config>"), self.app.workers)
 
     def config(self) -> dict:
         return {
@@ -100,7 +159,9 @@ class Primary:
             "outside": str(self.outside),
             "workers": self.app.workers,
             "pipeline": self.app.pipeline,
-            "macs": DEFAULT_MACS,
+            "macs": self.macs,
+            "config_toml": self.config_toml,
+            "config_path": self.config_path,
             "generation": self.inst.generation,
             "version": __version__,
         }
@@ -149,8 +210,16 @@ def main(argv: list[str]) -> int:
         app = app_parser().parse_args(opts.app_args)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
-    if not 1 <= app.workers <= MAX_WORKERS:
+    if app.workers is not None and not 1 <= app.workers <= MAX_WORKERS:
         print(f"hotplane primary: --workers must be 1..{MAX_WORKERS}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        primary = Primary(None, app)  # validate the configuration before touching any memory
+    except OSError as e:
+        print(f"hotplane primary: cannot read --config: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as e:  # ConfigError is a ValueError: its message lists every problem
+        print(f"hotplane primary: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         inst = eal_init(opts)
@@ -158,7 +227,7 @@ def main(argv: list[str]) -> int:
         print(f"hotplane primary: {e}", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        primary = Primary(inst, app)
+        primary.inst = inst
         if not app.bare:
             primary.setup()
     except Exception as e:  # a bad port or config is the operator's to fix, not a crash

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
 import sys
 
 from hotplane import __version__
@@ -45,6 +46,8 @@ def _available(mod: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Output piped into head(1) ends quietly, as for any Unix tool.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
