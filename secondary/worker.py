@@ -93,8 +93,8 @@ class Worker:
         self.inst = inst
         self.id = worker_id
         fetch = af_packet_fds(inst)
-        self.inq, _ = port_queue(inst.directory, cfg["inside"], worker_id, fds_from=fetch)
-        self.outq, _ = port_queue(inst.directory, cfg["outside"], worker_id, fds_from=fetch)
+        self.inq, self._keep_in = port_queue(inst.directory, cfg["inside"], worker_id, fds_from=fetch)
+        self.outq, self._keep_out = port_queue(inst.directory, cfg["outside"], worker_id, fds_from=fetch)
         z = inst.directory.lookup_checked("counters", WORKER_COUNTERS)
         self.counters = CounterBlocks.attach(z.view).block(worker_id)
         self.pipeline = make_pipeline(cfg, worker_id, inst)

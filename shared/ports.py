@@ -78,7 +78,11 @@ def ring_params_for(spec: PortSpec):
 
 
 def port_queue(directory: Directory, spec: PortSpec | str, qid: int, *, fds_from=None):
-    """A worker's Queue ``qid`` of a port: ring ports from memzones, af_packet from a passed fd.
+    """A worker's Queue ``qid`` of a port: (queue, keep) where ``keep`` must outlive the queue.
+
+    Ring ports come from memzones (``keep`` is the RingPort), af_packet queues
+    from a socket fd the primary passes (``keep`` is that fd: the rings stay
+    mapped only while it is open).
 
     ``fds_from(spec_str, qid) -> (fd, ring_params_dict)`` fetches an af_packet
     queue's socket from the primary (over IPC).
@@ -102,6 +106,6 @@ def port_queue(directory: Directory, spec: PortSpec | str, qid: int, *, fds_from
         fd, params = fds_from(str(spec), qid)
         rx, tx, doorbell = map_af_packet_queue(fd, RingParams.from_dict(params))
         q = Queue(FrameRing.from_frames(rx), FrameRing.from_frames(tx), state.words[qid], doorbell, qid=qid)
-        q._keep = fd  # the socket must stay open as long as the rings are mapped
-        return q, None
+        # The socket fd must stay open as long as the rings are mapped: the caller keeps it.
+        return q, fd
     raise ValueError(f"port {spec}: a worker cannot poll {spec.type} ports")
