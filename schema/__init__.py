@@ -8,7 +8,7 @@ import importlib
 from hotplane.schema.registry import Layout, SchemaError, check, get, latest, register  # noqa: F401
 
 # Each layout module registers itself on import; a module not written yet is simply absent.
-for _mod in ("memzone", "ring", "counters", "session", "port", "traffic"):
+for _mod in ("memzone", "ring", "counters", "session", "port", "traffic", "nat", "upgrade"):
     try:
         importlib.import_module(f"hotplane.schema.{_mod}")
     except ModuleNotFoundError as _e:
