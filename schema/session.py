@@ -124,3 +124,97 @@ LAYOUT = registry.register(
         doc="fixed-capacity open-addressing session table: two-choice bounded linear probing, per-entry seqlock, redo journal",
     )
 )
+
+
+# --------------------------------------------------------------------------- version 2
+#
+# Version 2 (same schema id 4) adds per-direction byte accounting and a QoS class,
+# in space version 1 kept free, so an entry is still 64 bytes and every version-1
+# field keeps its offset, type and meaning:
+#
+# ====== ===== ======================================================
+# offset type  field (changes from version 1)
+# ====== ===== ======================================================
+# 30     u2    qos_class  QoS class of the session (0 = best effort); was _pad0
+# 48     u8    bytes      byte counter, both directions (as in version 1)
+# 56     u8    bytes_in   bytes received on the outside port (reply direction),
+#                         counted from the time the entry became version 2;
+#                         bytes out = bytes - bytes_in; was _reserved
+# ====== ===== ======================================================
+#
+# The header is version 1's with the journal images in the version-2 entry
+# format and a ``migrated_from`` word (the version an online migration copied the
+# table from, 0 for a table created at version 2). Field i of both entry dtypes
+# has the same type and offset, which keeps the migration a column copy.
+
+VERSION_V2 = 2
+
+ELEMENT_V2 = np.dtype(
+    [
+        ("seq", "<u4"),
+        ("state", "u1"),
+        ("protocol", "u1"),
+        ("tcp_state", "u1"),
+        ("flags", "u1"),
+        ("key0", "<u8"),
+        ("key1", "<u8"),
+        ("xaddr", "<u4"),
+        ("xport", "<u2"),
+        ("qos_class", "<u2"),
+        ("created", "<u4"),
+        ("last_seen", "<u4"),
+        ("packets", "<u8"),
+        ("bytes", "<u8"),
+        ("bytes_in", "<u8"),
+    ]
+)
+assert ELEMENT_V2.itemsize == 64
+assert [ELEMENT.fields[n][1:] for n in ELEMENT.names] == [ELEMENT_V2.fields[n][1:] for n in ELEMENT_V2.names]
+
+VALUE_FIELDS_V2: tuple[str, ...] = VALUE_FIELDS + ("qos_class", "bytes_in")
+VALUE_DTYPE_V2 = np.dtype([(n, ELEMENT_V2.fields[n][0]) for n in VALUE_FIELDS_V2])
+
+HEADER_V2 = registry.header_dtype(
+    [
+        ("capacity", "<u8"),
+        ("mask", "<u8"),
+        ("count", "<u8"),
+        ("tombstones", "<u8"),
+        ("seed", "<u8"),
+        ("max_probe", "<u4"),
+        ("writer_pid", "<u4"),
+        ("writer_epoch", "<u4"),
+        ("flags", "<u4"),
+        ("inserts", "<u8"),
+        ("updates", "<u8"),
+        ("deletes", "<u8"),
+        ("insert_full", "<u8"),
+        ("recovered", "<u8"),
+        ("jseq", "<u8"),
+        ("jdone", "<u8"),
+        ("jcount", "<u4"),
+        ("jkind", "<u4"),
+        ("migrated_from", "<u4"),  # version the table was migrated from online (0: created at v2)
+        ("_pad1", "u1", (52,)),
+        ("jslot", "<i8", (JOURNAL_CAP,)),
+        ("jold_seq", "<u4", (JOURNAL_CAP,)),
+        ("jimage", ELEMENT_V2, (JOURNAL_CAP,)),
+    ]
+)
+assert HEADER_V2.itemsize == HEADER.itemsize
+assert all(HEADER_V2.fields[n][1] == HEADER.fields[n][1] for n in HEADER.names if n != "_pad1")
+
+LAYOUT_V2 = registry.register(
+    registry.Layout(
+        NAME,
+        SCHEMA_ID,
+        VERSION_V2,
+        header=HEADER_V2,
+        element=ELEMENT_V2,
+        doc="session table v2: v1 plus per-session bytes_in (reply direction) and a QoS class, same 64-byte entries",
+    )
+)
+assert LAYOUT_V2.layout_hash != LAYOUT.layout_hash
+
+# The v1 <-> v2 migrations register themselves with the registry on import.
+from hotplane.schema import session_migrations as _session_migrations  # noqa: E402,F401
