@@ -102,8 +102,16 @@ class Worker:
         self.tokens: list[tuple[np.ndarray, int]] = []
 
     def claim_queues(self) -> None:
+        from hotplane.shared.burst import reconcile
+        from hotplane.shared.queue_owner import owner_of
+
         for q in (self.inq, self.outq):
+            prev_pid, _ = owner_of(q.words)
             self.tokens.append((q.words, claim(q.words)))
+            if prev_pid:  # the previous owner died holding the queue: repair its cursors
+                moved = reconcile(q)
+                if moved["rx"] or moved["tx"]:
+                    print(f"worker {self.id}: queue {q.qid} taken over from dead pid {prev_pid}: cursors repaired {moved}", file=sys.stderr)
 
     def release_queues(self) -> None:
         for words, tok in self.tokens:

@@ -397,3 +397,55 @@ def forward_burst(
         sent = tx_burst(txq, b.frames[idx], b.lengths[idx], tx_drops) if idx.size else 0
     rx_release(rxq, b)
     return Forwarded(b.n, invalid, filtered, sent)
+
+
+#: How far takeover repair looks past a cursor: one burst is the most a dead
+#: owner can have published without moving its cursor.
+RECONCILE_WINDOW = 512
+
+
+def reconcile(q: Queue) -> dict[str, int]:
+    """Repair a queue's cursors after its previous owner died without releasing it.
+
+    Each burst publishes slot statuses first and the cursor second, so an owner
+    SIGKILLed between the two leaves the cursor behind what the ring shows:
+    RX slots it already handed back (status 0) while later slots hold new
+    frames, or TX slots it filled (SEND_REQUEST) beyond its cursor. A
+    successor starting at the stale cursor would wait a whole lap for the
+    producer (reordering) or overwrite the peer's view (loss). Returns how
+    far each cursor moved.
+    """
+    from hotplane.schema.port import PEER_CURSOR
+
+    moved = {"rx": 0, "tx": 0}
+    w = q.words
+    r = q.rx
+    ns = r.nslots
+    cur = int(w[W_RX_CURSOR])
+    status = r.status
+    if r._peer is not None:
+        # Ring port: the producer's cursor bounds what should be waiting.
+        limit = int(r._peer[PEER_CURSOR]) - cur
+    else:
+        # Kernel ring: it fills slots in order, so a ready slot after a run of
+        # empty ones means those were consumed and handed back already.
+        limit = RECONCILE_WINDOW
+    k = 0
+    while k < min(limit, ns) and status[(cur + k) % ns] == 0:
+        k += 1
+    if 0 < k < min(limit, ns) and (r._peer is not None or status[(cur + k) % ns] & 1):
+        w[W_RX_CURSOR] = cur + k
+        moved["rx"] = k
+    t = q.tx
+    if t._peer is not None:
+        tcur = int(w[W_TX_CURSOR])
+        pending = tcur - int(t._peer[PEER_CURSOR])
+        k = 0
+        while pending + k < t.nslots and k < RECONCILE_WINDOW and t.status[(tcur + k) % t.nslots] != 0:
+            k += 1
+        if k:
+            w[W_TX_CURSOR] = tcur + k
+            moved["tx"] = k
+    # A kernel TX ring is left as it is: the kernel sends those slots and clears
+    # them; the window for this is a few stores wide and documented in CONTRACTS.
+    return moved
