@@ -1,0 +1,1121 @@
+"""The supervisor: the process tree of one instance, kept alive and answerable.
+
+``hotplane supervisor [EAL] -- [-c CONFIG] [--daemon] [options]``
+
+What it does
+------------
+* Builds the *plan* from the configuration (``-c FILE`` or the embedded default,
+  :func:`hotplane.shared.nat_config.default_config`): ``primary``; ``worker-0`` ..
+  ``worker-N-1``; ``stats``; and, with ring ports and no config file (the embedded
+  default), the traffic generator ``gen`` feeding ``ring:in`` and the verifying
+  ``sink`` reading ``ring:out``.
+* Starts the plan in *stages*: the primary; once it reported READY, the workers,
+  stats and the sink; once those reported READY, the generator (so the sink and
+  the workers are there before the first packet). READY always comes from the
+  process itself, as a ``ready`` request on the control socket
+  (:mod:`hotplane.shared.ready`), never from a timer.
+* Drives one :class:`~hotplane.supervisor.process_state.ProcessMachine` per program
+  (the states, autorestart with backoff, retry limits, SIGTERM then SIGKILL) and
+  performs its actions: fork+exec through :mod:`hotplane.supervisor.launcher`,
+  pidfd exit watches, timers, identity records in ``<runtime>/procs``.
+* Watches the workers' heartbeats in the ``counters`` zone: a worker whose
+  heartbeat is older than ``--heartbeat-misses`` x ``--heartbeat-interval`` hangs,
+  and is stopped and restarted (HeartbeatMissed).
+* On start, adopts the processes a previous (killed) supervisor left running when
+  their records prove they are the same processes (:func:`launcher.adopt`: pid,
+  start time, boot, command line, identity token), so the packet path never pauses;
+  a record whose pid now belongs to another process is discarded and the program
+  started afresh.
+* Serves the control socket ``<runtime>/supervisor.sock`` (0600, SO_PEERCRED) for
+  ``supervisorctl`` and the children (methods below).
+* Speaks the systemd notify protocol: READY=1 once every program is up, STATUS=
+  on changes, WATCHDOG=1 from the event loop, STOPPING=1 on shutdown.
+* Holds ``<runtime>/supervisor.lock`` (flock, with its pid) for its life: a second
+  supervisor for the prefix refuses to start and names the first one's pid.
+* SIGTERM / SIGINT (and ``shutdown``) stop the tree in reverse stage order and exit
+  0. Killing the supervisor (SIGKILL) stops nothing.
+
+Control socket methods (msgpack requests, see :mod:`hotplane.shared.ipc`)
+-------------------------------------------------------------------------
+``ready {name, pid, ...}`` (from a child), ``status {names?}``, ``start {names}``,
+``stop {names}``, ``restart {names}``, ``signal {names, signal}``, ``pid {name?}``,
+``tail {name, lines}``, ``stats``, ``sessions``, ``version``, ``shutdown``.
+``names`` is a list of program names or ``["all"]``; an unknown name is a
+``RemoteError`` of type ``unknown_program`` (supervisorctl exits 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from hotplane import __version__
+from hotplane.shared.eal import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, EalOptions, UsageError, parse_eal
+from hotplane.shared.runtime import FileLock, running_primary_pid, runtime_dir, runtime_root
+from hotplane.supervisor import launcher
+from hotplane.supervisor.logs import LogFile, rotate_periodically, tail_lines
+from hotplane.supervisor.process_state import (
+    IDLE_STATES,
+    Adopted,
+    ArmTimer,
+    CancelTimer,
+    ClearRecord,
+    Exited,
+    HeartbeatMissed,
+    Log,
+    Notify,
+    ProcessMachine,
+    ProgramConfig,
+    Ready,
+    Record,
+    SendSignal,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    Start,
+    State,
+    StopRequested,
+    timer_event,
+)
+from hotplane.supervisor.sdnotify import Notifier
+
+SOCKET_NAME = "supervisor.sock"
+LOCK_NAME = "supervisor.lock"
+EXIT_NOT_RUNNING = 3  # LSB: program is not running
+EXIT_UNKNOWN = 4  # LSB: program or service status is unknown
+
+RESTART_POLICY = {"always": True, "on-failure": "unexpected", "never": False}
+
+
+def control_socket(prefix: str) -> Path:
+    """``<runtime>/supervisor.sock`` of instance ``prefix``."""
+    return runtime_dir(prefix) / SOCKET_NAME
+
+
+def supervisor_lock(prefix: str) -> FileLock:
+    return FileLock(runtime_dir(prefix, create=True) / LOCK_NAME)
+
+
+def running_supervisor_pid(prefix: str) -> int | None:
+    """The pid of the supervisor holding ``prefix``'s lock, or None if there is none."""
+    path = runtime_dir(prefix) / LOCK_NAME
+    if not path.exists():
+        return None
+    lock = FileLock(path)
+    try:
+        if lock.acquire(blocking=False):
+            return None
+        return lock.read_pid() or -1
+    finally:
+        lock.release()
+
+
+def default_log_dir(prefix: str) -> Path:
+    """systemd's ``$LOGS_DIRECTORY/<prefix>`` under the unit, else ``<runtime>/logs``."""
+    base = os.environ.get("LOGS_DIRECTORY")
+    if base:
+        return Path(base.split(":")[0]) / prefix
+    return runtime_dir(prefix) / "logs"
+
+
+class _Notifier(Notifier):
+    """sd_notify from an event loop must never block: a full notify socket queue (a slow or
+    stopped reader) drops the datagram (counted in ``errors``) instead of stalling the loop."""
+
+    def notify(self, *assignments: str, **fields: object) -> bool:
+        if self._addr is not None and self._sock is None:
+            import socket
+
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        return super().notify(*assignments, **fields)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Program:
+    """One supervised program: its command, its state machine and the live bits the shell keeps."""
+
+    name: str
+    kind: str  # primary | worker | stats | gen | sink
+    argv: list[str]
+    config: ProgramConfig
+    stage: float
+    worker_id: int | None = None
+    machine: ProcessMachine = field(init=False)
+    child: launcher.Child | None = None
+    log: LogFile | None = None
+    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    wanted: bool = True  # the operator has not stopped it
+    launched: bool = False  # started or adopted at least once by this supervisor
+    spawns: int = 0
+    adopted: bool = False
+    ready_info: dict[str, Any] = field(default_factory=dict)
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        self.machine = ProcessMachine(self.config)
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+
+def _hotplane_cmd(role: str, eal: list[str], app: list[str]) -> list[str]:
+    return [sys.executable, "-m", "hotplane.supervisor.cli", role, *eal, "--", *app]
+
+
+def _primary_accepts(option: str, value: str | None = None) -> bool:
+    """Does this build's primary take ``option`` (with ``value`` among its choices)?"""
+    try:
+        from hotplane.primary.main import app_parser
+
+        act = app_parser()._option_string_actions.get(option)
+    except Exception:
+        return False
+    if act is None:
+        return False
+    return value is None or act.choices is None or value in act.choices
+
+
+def port_arg(spec, role: str, workers: int, port_lo: int) -> str:
+    """A config port (``ring:in``) as the primary's port spec (queues, steering)."""
+    text = f"{spec.kind}:{spec.name},queues={workers},steer={role}"
+    if role == "outside":
+        text += f",port_lo={port_lo}"
+    return text
+
+
+def check_ports(cfg) -> list[str]:
+    """Problems with the configured ports that would only show up as a crashing primary."""
+    problems = []
+    for role, spec in (("inside_port", cfg.gateway.inside_port), ("outside_port", cfg.gateway.outside_port)):
+        if spec.kind == "pcap":
+            problems.append(f"gateway.{role} = \"{spec}\": the gateway's ports are ring: or af_packet: ports (pcap ports are for replay and capture tools)")
+        elif spec.kind == "af_packet":
+            if not Path("/sys/class/net", spec.name).exists():
+                problems.append(f"gateway.{role} = \"{spec}\": there is no network interface {spec.name!r} (see 'ip link'; for the lab: 'hotplane lab up')")
+            elif not _has_cap_net_raw():
+                problems.append(f"gateway.{role} = \"{spec}\": af_packet ports need root or CAP_NET_RAW (run with sudo, or see AmbientCapabilities in deploy/hotplane.service)")
+    return problems
+
+
+def _has_cap_net_raw() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 13))
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def build_plan(opts: EalOptions, app: argparse.Namespace, cfg, *, traffic: bool) -> list[Program]:
+    """The programs of this instance, in stage order, from the configuration."""
+    sup = cfg.supervisor
+    n = cfg.nat.workers
+    base = dict(
+        startsecs=1.0,
+        startretries=3,
+        autorestart=RESTART_POLICY[sup.restart],
+        stopwaitsecs=app.stop_wait,
+        backoff_base=sup.backoff_initial,
+        backoff_max=sup.backoff_max,
+        ready_required=True,
+        ready_timeout=sup.ready_timeout,
+        max_restarts=sup.max_restarts,
+        restart_window=sup.restart_window,
+    )
+    prefix = opts.file_prefix
+    primary_eal = opts.to_argv()
+    primary_eal[primary_eal.index("--proc-type") + 1] = "primary"
+    sec_eal = ["--file-prefix", prefix, "--proc-type", "secondary"]
+    if opts.lcores is not None:
+        sec_eal += ["--lcores", ",".join(map(str, opts.lcores))]
+    pipeline = app.pipeline
+    if pipeline is None:
+        pipeline = "forward" if traffic or not _primary_accepts("--pipeline", "nat") else "nat"
+    papp = ["--workers", str(n),
+            "--inside", port_arg(cfg.gateway.inside_port, "inside", n, cfg.nat.port_lo),
+            "--outside", port_arg(cfg.gateway.outside_port, "outside", n, cfg.nat.port_lo)]
+    if _primary_accepts("--pipeline", pipeline):
+        papp += ["--pipeline", pipeline]
+    if app.config and _primary_accepts("--config"):
+        papp += ["--config", str(Path(app.config).resolve())]
+    plan = [Program("primary", "primary", _hotplane_cmd("primary", primary_eal, papp), ProgramConfig("primary", **base), 0)]
+    for i in range(n):
+        name = f"worker-{i}"
+        plan.append(Program(name, "worker", _hotplane_cmd("worker", sec_eal, ["--id", str(i)]), ProgramConfig(name, **base), 1, worker_id=i))
+    plan.append(Program("stats", "stats", _hotplane_cmd("stats", sec_eal, ["--listen", app.stats_listen or cfg.stats.listen]), ProgramConfig("stats", **base), 1))
+    if traffic:
+        inside, outside = cfg.gateway.inside_port, cfg.gateway.outside_port
+        # gen and sink run "forever": a duration of 100 years (they take no 0 for unbounded).
+        forever = ["--duration", str(UNBOUNDED_SECONDS), "--name"]
+        sink_app = ["--port", f"ring:{outside.name}", *forever, "sink", "--quiet"]
+        plan.append(Program("sink", "sink", _hotplane_cmd("sink", sec_eal, sink_app), _traffic_config("sink", base), 0.5))
+        gen_app = ["--port", f"ring:{inside.name}", *forever, "gen", "--quiet", "--flows", str(app.flows), "--rate", str(app.rate)]
+        plan.append(Program("gen", "gen", _hotplane_cmd("gen", sec_eal, gen_app), _traffic_config("gen", base), 2))
+    # Stages: 0 primary; 0.5 sink (there before the workers transmit); 1 workers and stats;
+    # 2 the generator, once everything downstream is READY. Shutdown runs them backwards.
+    return plan
+
+
+UNBOUNDED_SECONDS = 100 * 365 * 86400
+
+
+def _traffic_config(name: str, base: dict) -> ProgramConfig:
+    """gen and sink report READY over the socket when their build does (shared/ready.py);
+    a build that does not yet is taken as up after ``startsecs`` alive (a timer: transitional)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"hotplane.secondary.{name}")
+    try:
+        reports = spec is not None and spec.origin is not None and "report_ready" in Path(spec.origin).read_text()
+    except OSError:
+        reports = False
+    return ProgramConfig(name, **dict(base, ready_required=reports, startsecs=1.0))
+
+
+# --------------------------------------------------------------------------- the supervisor
+
+
+class StartupFailed(Exception):
+    """A program could not be brought up during the initial start; the message says which and why."""
+
+
+class Supervisor:
+    """The asyncio shell around the programs' state machines, plus the control socket."""
+
+    def __init__(self, opts: EalOptions, app: argparse.Namespace, cfg, plan: list[Program], *, echo: bool, notifier: Notifier,
+                 on_tick: Callable[["Supervisor"], None] | None = None) -> None:
+        self.opts = opts
+        self.prefix = opts.file_prefix
+        self.app = app
+        self.cfg = cfg
+        self.programs: dict[str, Program] = {p.name: p for p in plan}
+        self.rundir = runtime_dir(self.prefix, create=True)
+        self.log_dir = Path(app.log_dir) if app.log_dir else default_log_dir(self.prefix)
+        self.echo = echo
+        self.notifier = notifier
+        self.on_tick = on_tick
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.log: LogFile | None = None
+        self.server = None
+        self.inst = None  # the instance memory, attached once the primary is up (heartbeats, stats)
+        self.started_at = time.monotonic()
+        self.stats: dict[str, Any] | None = None
+        self._prev_snap: dict[str, Any] | None = None
+        self.shutting_down = False
+        self.all_ready_once = False
+        self.exit_code = EXIT_OK
+        self.failure: str | None = None
+        self._done: asyncio.Event | None = None
+        self._advance_pending = False
+        self._waiters: list[asyncio.Future] = []
+        self._tasks: list[asyncio.Task] = []
+        self._hb_stale: dict[str, int] = {}
+        self._last_status = ""
+        self.fresh_instance = False
+
+    # ------------------------------------------------------------------ messages
+
+    def say(self, text: str, level: str = "info") -> None:
+        """A supervisor log line (and on stderr in the foreground)."""
+        if self.log is not None:
+            self.log.write_line(f"{level}: {text}" if level != "info" else text)
+        if self.echo:
+            try:
+                print(f"{time.strftime('%H:%M:%S')} hotplane: {text}", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+    # ------------------------------------------------------------------ machine shell
+
+    def feed(self, prog: Program, event) -> None:
+        assert self.loop is not None
+        for action in prog.machine.handle(event, self.loop.time()):
+            self._do(prog, action)
+
+    def _do(self, prog: Program, a) -> None:
+        loop = self.loop
+        assert loop is not None
+        if isinstance(a, Spawn):
+            self._spawn(prog)
+        elif isinstance(a, SendSignal):
+            if prog.child is not None and prog.child.pid == a.pid:
+                prog.child.send_signal(a.signal)
+            else:
+                self.say(f"{prog.name}: not signalling pid {a.pid}: not a process this supervisor holds a pidfd for", "warning")
+        elif isinstance(a, ArmTimer):
+            old = prog.timers.pop(a.name, None)
+            if old is not None:
+                old.cancel()
+            prog.timers[a.name] = loop.call_later(a.seconds, self._timer_fired, prog, a.name, a.token)
+        elif isinstance(a, CancelTimer):
+            h = prog.timers.pop(a.name, None)
+            if h is not None:
+                h.cancel()
+        elif isinstance(a, Record):
+            if prog.child is not None and prog.child.pid == a.pid:
+                try:
+                    launcher.save_record(self.rundir, prog.child.record(ready=a.ready))
+                except OSError as e:
+                    self.say(f"{prog.name}: cannot save its process record: {e} (a restarted supervisor will not adopt it)", "error")
+        elif isinstance(a, ClearRecord):
+            launcher.remove_record(self.rundir, prog.name)
+        elif isinstance(a, Log):
+            self.say(a.message, a.level)
+            if prog.log is not None and a.level != "debug":
+                prog.log.write_line(a.message)
+        elif isinstance(a, Notify):
+            self.say(f"{prog.name}: {a.old.value} -> {a.new.value}" + (f" (pid {a.pid})" if a.pid else "") + (f": {a.reason}" if a.reason else ""))
+            self._changed(prog)
+
+    def _timer_fired(self, prog: Program, name: str, token: int) -> None:
+        prog.timers.pop(name, None)
+        self.feed(prog, timer_event(name, token))
+
+    def _spawn(self, prog: Program) -> None:
+        if prog.child is not None:
+            prog.child.close()
+            prog.child = None
+        env = dict(os.environ)
+        env.update({
+            "HOTPLANE_SUPERVISOR_SOCKET": str(self.rundir / SOCKET_NAME),
+            "HOTPLANE_PROGRAM": prog.name,
+            "HOTPLANE_RUNTIME_DIR": str(runtime_root()),
+            "PYTHONUNBUFFERED": "1",
+        })
+        spec = launcher.LaunchSpec(prog.name, prog.argv, env=env, version=__version__)
+        if prog.log is None:
+            prog.log = LogFile(self.log_dir / f"{prog.name}.log", name=prog.name, report=lambda m: self.say(m, "warning"))
+        prog.log.write_line(f"starting: {' '.join(prog.argv)}")
+        try:
+            child = launcher.spawn(spec, prog.log)
+        except launcher.SpawnError as e:
+            self.feed(prog, SpawnFailed(str(e)))
+            return
+        prog.child = child
+        prog.spawns += 1
+        prog.launched = True
+        prog.adopted = False
+        prog.version = child.version
+        prog.ready_info = {}
+        child.watch(self.loop, lambda c, ex, prog=prog: self.feed(prog, ex))
+        self.feed(prog, Spawned(child.pid, child.start_time))
+
+    def _changed(self, prog: Program | None = None) -> None:
+        for f in self._waiters:
+            if not f.done():
+                f.set_result(None)
+        self._waiters.clear()
+        if prog is not None and prog.kind == "primary" and prog.machine.is_up:
+            self._attach_memory()
+        if not self._advance_pending and self.loop is not None:
+            self._advance_pending = True
+            self.loop.call_soon(self._advance)
+
+    async def wait_until(self, pred: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait (on state changes, not polling) until ``pred()``; False on timeout."""
+        assert self.loop is not None
+        deadline = None if timeout is None else self.loop.time() + timeout
+        while not pred():
+            fut = self.loop.create_future()
+            self._waiters.append(fut)
+            left = None if deadline is None else deadline - self.loop.time()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(fut, left)
+            except asyncio.TimeoutError:
+                return pred()
+        return True
+
+    # ------------------------------------------------------------------ the plan, in stages
+
+    def _advance(self) -> None:
+        """Start what the stages allow; detect 'all up' and start-up failures; tell systemd."""
+        self._advance_pending = False
+        if self.shutting_down:
+            return
+        progs = list(self.programs.values())
+        for stage in sorted({p.stage for p in progs}):
+            before = [p for p in progs if p.stage < stage and p.wanted]
+            if not all(p.machine.is_up for p in before):
+                break
+            for p in progs:
+                if p.stage == stage and p.wanted and not p.launched and p.state in IDLE_STATES:
+                    p.launched = True
+                    self.feed(p, Start())
+        wanted = [p for p in progs if p.wanted]
+        if not self.all_ready_once:
+            failed = [p for p in wanted if p.state is State.FATAL]
+            if failed:
+                p = failed[0]
+                why = p.machine.fatal_reason or p.machine.describe(self.loop.time())
+                tail = tail_lines(p.log.path, 8) if p.log is not None and p.log.path.exists() else []
+                self.failure = f"{p.name} could not be started: {why}" + ("\n  last lines of its log " + str(p.log.path) + ":\n    " + "\n    ".join(tail) if tail else "")
+                self.say(self.failure, "error")
+                self.exit_code = EXIT_FAILURE
+                self.request_shutdown("start-up failed")
+                return
+            if wanted and all(p.machine.is_up for p in wanted):
+                self.all_ready_once = True
+                msg = f"all {len(wanted)} programs up: " + ", ".join(f"{p.name} pid {p.machine.pid}" for p in wanted)
+                self.say(msg)
+                self.notifier.ready(self._status_line())
+        self._send_status()
+
+    def _status_line(self) -> str:
+        progs = [p for p in self.programs.values() if p.wanted]
+        up = sum(p.machine.is_up for p in progs)
+        bad = [f"{p.name} {p.state.value}" for p in progs if not p.machine.is_up]
+        return f"{up}/{len(progs)} programs up" + (f"; {', '.join(bad)}" if bad else "")
+
+    def _send_status(self) -> None:
+        line = self._status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)
+
+    # ------------------------------------------------------------------ adoption
+
+    def adopt_survivors(self) -> int:
+        """Adopt the programs a previous supervisor left running; returns how many."""
+        errors: list[str] = []
+        records = launcher.load_records(self.rundir, errors)
+        for e in errors:
+            self.say(f"ignoring an unreadable process record: {e}", "warning")
+        n = 0
+        dead: dict[int, str] = {}
+        for name, rec in records.items():
+            prog = self.programs.get(name)
+            child, why = launcher.adopt(rec)
+            if child is None:
+                self.say(f"not adopting {name} (pid {rec.pid}): {why}; its record is discarded", "warning")
+                launcher.remove_record(self.rundir, name)
+                dead[rec.pid] = name
+                continue
+            if prog is None:
+                # Left over from another configuration: it must not run unsupervised.
+                self.say(f"{name} (pid {rec.pid}) runs but is not in this configuration: stopping it", "warning")
+                child.send_signal(signal.SIGTERM)
+                child.close()
+                launcher.remove_record(self.rundir, name)
+                continue
+            if prog.log is None:
+                prog.log = LogFile(self.log_dir / f"{prog.name}.log", name=prog.name, report=lambda m: self.say(m, "warning"))
+            prog.child = child
+            prog.launched = True
+            prog.adopted = True
+            prog.version = rec.version
+            child.watch(self.loop, lambda c, ex, prog=prog: self.feed(prog, ex))
+            self.feed(prog, Adopted(rec.pid, rec.start_time, ready=rec.ready))
+            prog.log.write_line(f"adopted by supervisor pid {os.getpid()}")
+            n += 1
+        if dead:
+            self._release_dead_owners(dead)
+        return n
+
+    def _release_dead_owners(self, dead: dict[int, str]) -> None:
+        """Release the queues still owned by recorded processes proven gone.
+
+        queue_owner.claim refuses a queue whose owner pid is alive, and knows pids only: if
+        the dead worker's pid now belongs to an unrelated process, its successor could
+        never claim the queue. The supervisor designates successors (shared/queue_owner.py),
+        and it has just proven (pid + start time + token) that the owner is gone, so it
+        hands the queue back: owner 0, generation kept.
+        """
+        from hotplane.schema.port import W_OWNER, pack_owner, unpack_owner
+        from hotplane.shared.burst import QueueState
+
+        self._attach_memory()
+        if self.inst is None:
+            return
+        for z in self.inst.directory.list():
+            if z.schema_id != 6 or not z.name.endswith(".state"):
+                continue
+            qs = QueueState.attach(z.view)
+            for i in range(qs.nqueues):
+                pid, gen = unpack_owner(int(qs.words[i][W_OWNER]))
+                if pid in dead:
+                    qs.words[i][W_OWNER] = pack_owner(0, gen)
+                    self.say(f"{z.name[:-6]} queue {i}: released for a successor (owner {dead[pid]} pid {pid} is gone)")
+
+    # ------------------------------------------------------------------ memory: heartbeats and figures
+
+    def _attach_memory(self) -> None:
+        if self.inst is not None:
+            return
+        from hotplane.shared.instance import InstanceError, eal_init
+
+        try:
+            self.inst = eal_init(EalOptions(file_prefix=self.prefix, proc_type="secondary"))
+        except (InstanceError, OSError) as e:
+            self.say(f"cannot attach the instance memory (no heartbeat watch, no figures yet): {e}", "warning")
+            self.inst = None
+
+    def sample(self) -> dict[str, Any] | None:
+        """Read the figures now (cumulative, with rates since the previous sample)."""
+        if self.inst is None:
+            return None
+        from hotplane.secondary.stats import snapshot, with_rates
+
+        try:
+            cur = snapshot(self.inst.directory)
+        except Exception as e:  # a zone with a layout we do not know: say so, keep supervising
+            self.say(f"reading the figures failed: {e}", "warning")
+            return self.stats
+        self.stats = with_rates(cur, self._prev_snap)
+        self._prev_snap = cur
+        return self.stats
+
+    async def _sampler(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.sample()
+            if self.on_tick is not None:
+                try:
+                    self.on_tick(self)
+                except Exception as e:  # the live display must never take the supervisor down
+                    self.say(f"live display failed: {e}", "warning")
+
+    async def _heartbeat_watch(self) -> None:
+        interval, misses = self.app.heartbeat_interval, self.app.heartbeat_misses
+        limit_ns = int(interval * misses * 1e9)
+        while True:
+            await asyncio.sleep(interval)
+            if self.inst is None or self.shutting_down:
+                continue
+            z = self.inst.directory.lookup("counters")
+            if z is None:
+                continue
+            from hotplane.shared.counters import CounterBlocks
+
+            beats = CounterBlocks.attach(z.view).heartbeats()
+            now_ns = time.monotonic_ns()
+            for p in self.programs.values():
+                if p.worker_id is None or not p.machine.is_up or p.worker_id >= len(beats):
+                    continue
+                up = p.machine.uptime(self.loop.time()) or 0.0
+                hb = int(beats[p.worker_id])
+                if up * 1e9 < limit_ns or (hb and now_ns - hb < limit_ns):
+                    continue
+                age = "never" if not hb else f"{(now_ns - hb) / 1e9:.1f}s ago"
+                self.say(f"{p.name}: pid {p.machine.pid} last heartbeat {age} (limit {misses} x {interval:g}s): it hangs", "error")
+                self.feed(p, HeartbeatMissed())
+
+    # ------------------------------------------------------------------ views
+
+    def program_row(self, p: Program) -> dict[str, Any]:
+        now = self.loop.time()
+        m = p.machine
+        up = m.uptime(now)
+        if up is not None and m.start_time:
+            up = max(0.0, time.time() - m.start_time)  # from the process's own start (also when adopted)
+        ex = m.last_exit
+        return {
+            "name": p.name,
+            "kind": p.kind,
+            "state": p.state.value,
+            "pid": m.pid,
+            "uptime": up,
+            "since": time.time() - (now - m.since) if m.since is not None else None,
+            "description": m.describe(now),
+            "restarts": max(0, p.spawns - 1) + (1 if p.adopted and p.spawns else 0),
+            "version": p.ready_info.get("version") or p.version,
+            "adopted": p.adopted,
+            "wanted": p.wanted,
+            "last_exit": ex.describe() if ex is not None else None,
+            "log": str(p.log.path) if p.log is not None else str(self.log_dir / f"{p.name}.log"),
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "supervisor": {"pid": os.getpid(), "prefix": self.prefix, "version": __version__, "uptime": time.monotonic() - self.started_at,
+                           "config": self.cfg.source, "all_ready": self.all_ready_once, "shutting_down": self.shutting_down,
+                           "socket": str(self.rundir / SOCKET_NAME), "log_dir": str(self.log_dir)},
+            "programs": [self.program_row(p) for p in self.programs.values()],
+        }
+
+    # ------------------------------------------------------------------ control socket
+
+    def _names(self, params: dict) -> list[Program]:
+        from hotplane.shared.ipc import RemoteError
+
+        names = params.get("names") or []
+        if isinstance(names, str):
+            names = [names]
+        if not names:
+            raise RemoteError("usage", "name at least one program (or 'all')")
+        out: list[Program] = []
+        for n in names:
+            if n == "all":
+                out.extend(p for p in self.programs.values() if p not in out)
+                continue
+            group = [p for p in self.programs.values() if p.name == n or (n.endswith("*") and p.name.startswith(n[:-1]))]
+            if not group:
+                raise RemoteError("unknown_program", f"no program {n!r}; programs: {', '.join(self.programs)}")
+            out.extend(p for p in group if p not in out)
+        return out
+
+    async def handle(self, channel, request):
+        from hotplane.shared.ipc import RemoteError
+
+        m = request.method
+        params = request.params if isinstance(request.params, dict) else {}
+        if m == "ready":
+            return self._on_ready(channel, params), ()
+        if m == "status":
+            st = self.status()
+            if params.get("names"):
+                keep = {p.name for p in self._names(params)}
+                st["programs"] = [r for r in st["programs"] if r["name"] in keep]
+            return st, ()
+        if m in ("start", "stop", "restart"):
+            if self.shutting_down:
+                raise RemoteError("shutting_down", "the supervisor is shutting down")
+            progs = self._names(params)
+            return await self._control(m, progs, float(params.get("timeout", 60.0)), bool(params.get("wait", True))), ()
+        if m == "signal":
+            progs = self._names(params)
+            sig = _parse_signal(params.get("signal"))
+            res = []
+            for p in progs:
+                ok = p.child is not None and p.machine.pid is not None and p.child.send_signal(sig)
+                res.append({"name": p.name, "ok": bool(ok), "pid": p.machine.pid, "message": f"sent {signal.Signals(sig).name}" if ok else "not running"})
+            return {"results": res}, ()
+        if m == "pid":
+            name = params.get("name")
+            if not name or name == "supervisor":
+                return {"name": "supervisor", "pid": os.getpid()}, ()
+            p = self._names({"names": [name]})[0]
+            return {"name": p.name, "pid": p.machine.pid}, ()
+        if m == "tail":
+            name = params.get("name") or "supervisor"
+            n = int(params.get("lines", 10))
+            if name == "supervisor":
+                path = self.log.path if self.log is not None else self.log_dir / "supervisor.log"
+            else:
+                p = self._names({"names": [name]})[0]
+                path = p.log.path if p.log is not None else self.log_dir / f"{p.name}.log"
+            lines = tail_lines(path, n) if path.exists() else []
+            return {"name": name, "path": str(path), "lines": lines}, ()
+        if m == "stats":
+            st = self.stats if self.stats is not None else self.sample()
+            out = dict(st or {"available": False, "workers": [], "queues": [], "traffic": [], "sessions": {"available": False}})
+            out["processes"] = self.status()["programs"]
+            out["prefix"] = self.prefix
+            return out, ()
+        if m == "sessions":
+            st = self.stats if self.stats is not None else self.sample()
+            return dict((st or {}).get("sessions") or {"available": False, "total": 0, "by_protocol": {}, "per_worker": {}}), ()
+        if m == "version":
+            return {"version": __version__, "pid": os.getpid(), "programs": {p.name: self.program_row(p)["version"] for p in self.programs.values()}}, ()
+        if m == "shutdown":
+            self.request_shutdown(f"requested by pid {channel.peer.pid}")
+            return {"pid": os.getpid(), "shutting_down": True}, ()
+        raise RemoteError("unknown_method", f"supervisor: unknown method {m!r}")
+
+    def _on_ready(self, channel, params: dict) -> dict:
+        from hotplane.shared.ipc import RemoteError
+
+        name = params.get("name")
+        p = self.programs.get(name) if isinstance(name, str) else None
+        if p is None:
+            raise RemoteError("unknown_program", f"no program {name!r} in this supervisor")
+        pid = channel.peer.pid
+        if p.machine.pid != pid:
+            raise RemoteError("not_current", f"{name}: pid {pid} is not the supervised process (pid {p.machine.pid})")
+        p.ready_info = {k: v for k, v in params.items() if isinstance(k, str)}
+        self.feed(p, Ready())
+        return {"ok": True, "state": p.state.value}
+
+    async def _control(self, what: str, progs: list[Program], timeout: float, wait: bool) -> dict:
+        for p in progs:
+            if what == "stop":
+                p.wanted = False
+                self.feed(p, StopRequested())
+            elif what == "start":
+                p.wanted = True
+                p.launched = True
+                self.feed(p, Start())
+            else:
+                p.wanted = True
+                p.launched = True
+                if p.state in IDLE_STATES or p.state is State.BACKOFF:
+                    self.feed(p, Start())
+                else:
+                    self.feed(p, StopRequested())
+                    self.feed(p, Start())  # remembered until the process is gone
+        if what == "stop":
+            done = lambda p: p.state in IDLE_STATES  # noqa: E731
+        else:
+            done = lambda p: p.machine.is_up or p.state is State.FATAL  # noqa: E731
+        if wait:
+            await self.wait_until(lambda: all(done(p) for p in progs), timeout)
+        res = []
+        for p in progs:
+            ok = p.state in IDLE_STATES if what == "stop" else p.machine.is_up
+            res.append({"name": p.name, "ok": bool(ok or not wait), "state": p.state.value, "pid": p.machine.pid, "description": p.machine.describe(self.loop.time())})
+        return {"results": res}
+
+    # ------------------------------------------------------------------ shutdown
+
+    def request_shutdown(self, why: str) -> None:
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.say(f"shutting down ({why})")
+        self.notifier.stopping(f"stopping ({why})")
+        self._tasks.append(asyncio.ensure_future(self._shutdown()))
+
+    async def _shutdown(self) -> None:
+        progs = list(self.programs.values())
+        for stage in sorted({p.stage for p in progs}, reverse=True):
+            group = [p for p in progs if p.stage == stage]
+            if any(p.kind == "worker" for p in group):
+                await self._drain("inside")  # what the generator queued gets through first
+            if any(p.kind == "sink" for p in group):
+                await self._drain("outside")  # and what the workers transmitted reaches the sink
+            for p in group:
+                p.wanted = False
+                self.feed(p, StopRequested())
+            bound = max(p.config.stopwaitsecs for p in group) * 3 + 5
+            if not await self.wait_until(lambda: all(p.state in IDLE_STATES for p in group), bound):
+                left = [f"{p.name} pid {p.machine.pid}" for p in group if p.state not in IDLE_STATES]
+                self.say(f"still running after {bound:g}s despite SIGKILL: {', '.join(left)}", "error")
+        assert self._done is not None
+        self._done.set()
+
+    def ring_backlog(self, side: str) -> int | None:
+        """Frames queued on a ring port and not yet consumed: the inside port's RX rings
+        (generator -> workers) or the outside port's TX rings (workers -> sink). None if unknown."""
+        if self.inst is None:
+            return None
+        from hotplane.schema.port import W_RX_CURSOR, W_TX_CURSOR
+        from hotplane.shared.ports import attach_ring_port
+
+        spec = self.cfg.gateway.inside_port if side == "inside" else self.cfg.gateway.outside_port
+        if spec.kind != "ring":
+            return None
+        try:
+            port = attach_ring_port(self.inst.directory, f"ring:{spec.name}")
+        except Exception:
+            return None
+        total = 0
+        for i in range(port.nqueues):
+            words = port.state.words[i]
+            if side == "inside":
+                total += port.rx_rings[i].peer_counters()["cursor"] - int(words[W_RX_CURSOR])
+            else:
+                total += int(words[W_TX_CURSOR]) - port.tx_rings[i].peer_counters()["cursor"]
+        return max(0, total)
+
+    async def _drain(self, side: str, timeout: float = 3.0) -> None:
+        """Bounded wait for a ring port's backlog to reach zero (clean stop, no stale frames)."""
+        deadline = self.loop.time() + timeout
+        while self.loop.time() < deadline:
+            left = self.ring_backlog(side)
+            if not left:
+                return
+            await asyncio.sleep(0.01)
+        self.say(f"{side} rings still hold {self.ring_backlog(side)} frame(s) after {timeout:g}s; stopping anyway", "warning")
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> int:
+        from hotplane.shared import ipc
+
+        self.loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        self.log = LogFile(self.log_dir / "supervisor.log", name="supervisor")
+        self.say(f"supervisor {__version__} pid {os.getpid()} for instance {self.prefix!r} ({self.cfg.source}); runtime {self.rundir}, logs {self.log_dir}")
+        try:
+            self.server = await ipc.serve(self.rundir / SOCKET_NAME, self.handle)
+        except ipc.IpcError as e:
+            self.failure = f"cannot serve the control socket: {e}"
+            self.say(self.failure, "error")
+            return EXIT_FAILURE
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_shutdown, signal.Signals(sig).name)
+        if self.app.hup_stops:
+            self.loop.add_signal_handler(signal.SIGHUP, self.request_shutdown, "SIGHUP")
+        else:
+            self.loop.add_signal_handler(signal.SIGHUP, self.say, "SIGHUP ignored (use supervisorctl restart or shutdown)")
+        n = self.adopt_survivors()
+        if n:
+            self.say(f"adopted {n} running program(s) from the previous supervisor")
+        elif running_primary_pid(self.prefix) is not None and self.programs["primary"].machine.pid is None:
+            pid = running_primary_pid(self.prefix)
+            self.failure = (f"a primary for --file-prefix {self.prefix} is already running (pid {pid}) but no supervisor record describes it; "
+                            f"stop it (kill {pid}) or pick another prefix")
+            self.say(self.failure, "error")
+            await self.server.close()
+            return EXIT_FAILURE
+        if self.programs["primary"].machine.is_up:
+            self._attach_memory()
+        self._tasks += [
+            asyncio.ensure_future(self._sampler()),
+            asyncio.ensure_future(self._heartbeat_watch()),
+            asyncio.ensure_future(rotate_periodically(lambda: [lf for lf in [self.log, *(p.log for p in self.programs.values())] if lf is not None], 5.0)),
+            asyncio.ensure_future(self.notifier.watchdog_loop()),
+        ]
+        self._changed()
+        await self._done.wait()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.close()
+        for p in self.programs.values():
+            for h in p.timers.values():
+                h.cancel()
+            if p.child is not None:
+                p.child.close()
+            if p.log is not None:
+                p.log.close()
+        if self.inst is not None:
+            self.inst.close()
+            self.inst = None
+        if self.failure and self.fresh_instance:
+            self._remove_fresh_memory()
+        self.say("supervisor exiting" + (f" with status {self.exit_code}" if self.exit_code else ""))
+        return self.exit_code
+
+    def _remove_fresh_memory(self) -> None:
+        """A start that failed on a brand-new instance leaves no memory behind (logs are kept)."""
+        from hotplane.shared import memory
+
+        try:
+            path = memory.existing_memory_file(self.prefix)
+            if path:
+                memory.remove_file(path)
+                self.say(f"removed the memory of the instance that failed to start ({path})")
+            (self.rundir / "memory.json").unlink(missing_ok=True)
+        except OSError as e:
+            self.say(f"could not remove the memory of the failed instance: {e}", "warning")
+
+
+def _parse_signal(value: Any) -> int:
+    from hotplane.shared.ipc import RemoteError
+
+    if isinstance(value, int):
+        sig = value
+    else:
+        text = str(value or "").upper()
+        if text.isdigit():
+            sig = int(text)
+        else:
+            text = text if text.startswith("SIG") else "SIG" + text
+            try:
+                sig = int(signal.Signals[text])
+            except KeyError:
+                raise RemoteError("usage", f"unknown signal {value!r}") from None
+    try:
+        signal.Signals(sig)
+    except ValueError:
+        raise RemoteError("usage", f"unknown signal {value!r}") from None
+    return sig
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def app_parser(prog: str = "hotplane supervisor [EAL] --") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="run the supervisor of one instance (the process tree)")
+    add_app_options(ap)
+    return ap
+
+
+def add_app_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("-c", "--config", help="gateway TOML configuration (default: the embedded default, ring ports with generated traffic)")
+    ap.add_argument("--daemon", action="store_true", help="detach; return once every program is READY")
+    ap.add_argument("--pipeline", choices=("forward", "nat"), help="what workers do (default: forward for the embedded default, nat with a config if supported)")
+    ap.add_argument("--traffic", dest="traffic", action="store_true", default=None, help="run the generator and sink on the ring ports")
+    ap.add_argument("--no-traffic", dest="traffic", action="store_false", help="no generator and sink")
+    ap.add_argument("--rate", type=int, default=20000, help="generator packets per second, 0 = flat out (default 20000)")
+    ap.add_argument("--flows", type=int, default=64, help="generator flows (spread over the workers; default 64)")
+    ap.add_argument("--stats-listen", help="override [stats] listen (address:port; port 0 picks a free one)")
+    ap.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeat checks (default 0.5)")
+    ap.add_argument("--heartbeat-misses", type=int, default=10, help="missed intervals before a worker counts as hung (default 10)")
+    ap.add_argument("--stop-wait", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
+    ap.add_argument("--log-dir", help="where the programs' logs go (default <runtime>/logs, or $LOGS_DIRECTORY/<prefix>)")
+    ap.add_argument("--live", dest="live", action="store_true", default=None, help="print live figures every second")
+    ap.add_argument("--quiet", dest="live", action="store_false", help="no live figures")
+    ap.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
+
+
+def load(app: argparse.Namespace):
+    """The configuration: the file named by -c, or the embedded default. Raises ConfigError."""
+    from hotplane.shared.nat_config import default_config, load_config
+
+    return load_config(app.config) if app.config else default_config()
+
+
+def preflight(opts: EalOptions, app: argparse.Namespace, prog: str) -> tuple[Any, int]:
+    """Everything checked before anything starts: (config, 0) or (None, exit code) with a message printed."""
+    from hotplane.shared.nat_config import ConfigError
+
+    try:
+        cfg = load(app)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{prog}: fix the configuration (every key is documented in shared/nat_config.py and deploy/gateway.toml); nothing was started", file=sys.stderr)
+        return None, EXIT_USAGE
+    problems = check_ports(cfg)
+    if problems:
+        print(f"{prog}: {cfg.source}: {len(problems)} port problem(s); nothing was started:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return None, EXIT_USAGE
+    if app.stats_listen:
+        from hotplane.secondary.stats import parse_listen
+
+        try:
+            parse_listen(app.stats_listen)
+        except ValueError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return None, EXIT_USAGE
+    pid = running_supervisor_pid(opts.file_prefix)
+    if pid is not None:
+        print(f"{prog}: instance {opts.file_prefix!r} is already running under supervisor pid {pid}; "
+              f"use 'supervisorctl -p {opts.file_prefix} status', or 'hotplane down -p {opts.file_prefix}' first", file=sys.stderr)
+        return None, EXIT_FAILURE
+    return cfg, EXIT_OK
+
+
+def run_supervisor(opts: EalOptions, app: argparse.Namespace, cfg, *, on_tick=None, echo: bool = True) -> int:
+    """Run the supervisor in this process until shutdown; returns the exit code."""
+    prefix = opts.file_prefix
+    traffic = app.traffic if app.traffic is not None else (app.config is None and cfg.gateway.inside_port.kind == "ring" and cfg.gateway.outside_port.kind == "ring")
+    if traffic and (cfg.gateway.inside_port.kind != "ring" or cfg.gateway.outside_port.kind != "ring"):
+        print("hotplane supervisor: --traffic needs ring: ports (the generator and sink are peers of ring ports)", file=sys.stderr)
+        return EXIT_USAGE
+    lock = supervisor_lock(prefix)
+    if not lock.acquire(blocking=False):
+        pid = lock.read_pid()
+        lock.release()
+        print(f"hotplane: instance {prefix!r} is already running under supervisor pid {pid}; use 'supervisorctl -p {prefix} status'", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        lock.write_pid()
+        from hotplane.shared import memory
+
+        fresh = memory.existing_memory_file(prefix) is None and not launcher.load_records(runtime_dir(prefix))
+        notifier = _Notifier.from_environ()
+        plan = build_plan(opts, app, cfg, traffic=traffic)
+        sup = Supervisor(opts, app, cfg, plan, echo=echo, notifier=notifier, on_tick=on_tick)
+        sup.fresh_instance = fresh
+        try:
+            import uvloop
+
+            code = uvloop.run(sup.run())
+        finally:
+            notifier.close()
+        if sup.failure:
+            print(f"hotplane: {sup.failure}", file=sys.stderr)
+        return code
+    finally:
+        lock.release()
+
+
+def daemonize(argv_after: list[str], opts: EalOptions, app: argparse.Namespace, cfg, *, timeout: float, prog: str) -> int:
+    """Start the supervisor detached (own session, output to its log) and wait for its READY=1.
+
+    The wait is on events: a private notify socket the child reports READY=1 to
+    (the systemd protocol), and the child's pidfd (it exited: start-up failed).
+    """
+    import secrets
+    import select
+    import socket
+    import subprocess
+
+    prefix = opts.file_prefix
+    log_dir = Path(app.log_dir) if app.log_dir else default_log_dir(prefix)
+    log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    logpath = log_dir / "supervisor.log"
+    addr = f"\0hotplane-up-{os.getpid()}-{secrets.token_hex(6)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock.bind(addr)
+    env = dict(os.environ, NOTIFY_SOCKET="@" + addr[1:], PYTHONUNBUFFERED="1", HOTPLANE_RUNTIME_DIR=str(runtime_root()))
+    env.pop("WATCHDOG_USEC", None)
+    env.pop("WATCHDOG_PID", None)
+    cmd = [sys.executable, "-m", "hotplane.supervisor.cli", "supervisor", *argv_after, "--daemonized", "--quiet"]
+    with open(logpath, "ab") as out:
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True, close_fds=True)
+    pidfd = os.pidfd_open(child.pid)
+    deadline = time.monotonic() + timeout
+    status = ""
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                print(f"{prog}: the supervisor (pid {child.pid}) is not READY after {timeout:g}s ({status or 'no status'}); "
+                      f"it keeps trying: 'supervisorctl -p {prefix} status', log {logpath}", file=sys.stderr)
+                return EXIT_FAILURE
+            r, _, _ = select.select([sock, pidfd], [], [], left)
+            if sock in r:
+                msg = sock.recv(4096).decode("utf-8", "replace")
+                fields = dict(line.split("=", 1) for line in msg.splitlines() if "=" in line)
+                status = fields.get("STATUS", status)
+                if fields.get("READY") == "1":
+                    print(f"hotplane: instance {prefix!r} is up: supervisor pid {child.pid}; {status}")
+                    print(f"hotplane: 'supervisorctl -p {prefix} status' to look, 'hotplane down -p {prefix}' to stop; log {logpath}")
+                    return EXIT_OK
+            if pidfd in r:
+                code = child.wait()
+                tail = tail_lines(logpath, 12) if logpath.exists() else []
+                print(f"{prog}: the supervisor exited with status {code} before everything was READY; last lines of {logpath}:", file=sys.stderr)
+                for line in tail:
+                    print(f"  {line}", file=sys.stderr)
+                return code or EXIT_FAILURE
+    finally:
+        os.close(pidfd)
+        sock.close()
+
+
+def main(argv: list[str]) -> int:
+    try:
+        opts = parse_eal(argv, prog="hotplane supervisor")
+    except UsageError as e:
+        print(f"hotplane supervisor: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if opts.proc_type == "secondary":
+        print("hotplane supervisor: --proc-type secondary makes no sense for the supervisor (it starts the primary)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        app = app_parser().parse_args(opts.app_args)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else EXIT_OK
+    return start(opts, app, [a for a in opts.app_args if a != "--daemon"], prog="hotplane supervisor")
+
+
+def start(opts: EalOptions, app: argparse.Namespace, app_argv: list[str], *, prog: str, on_tick=None) -> int:
+    """Preflight, then run in the foreground or as a daemon (shared by ``hotplane up``).
+
+    ``app_argv``: the supervisor's own options (without --daemon), for the detached copy.
+    """
+    if app.heartbeat_interval <= 0 or app.heartbeat_misses < 1 or app.stop_wait <= 0:
+        print(f"{prog}: --heartbeat-interval and --stop-wait must be > 0, --heartbeat-misses >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    cfg, code = preflight(opts, app, prog)
+    if cfg is None:
+        return code
+    if app.daemon:
+        return daemonize([*opts.to_argv(), "--", *app_argv], opts, app, cfg, timeout=max(60.0, cfg.supervisor.ready_timeout * 3), prog=prog)
+    app.hup_stops = not app.daemonized and not os.environ.get("NOTIFY_SOCKET")
+    return run_supervisor(opts, app, cfg, on_tick=on_tick, echo=not app.daemonized)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
