@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     prefix = "br" + uuid.uuid4().hex[:8]
     env = dict(os.environ, HOTPLANE_RUNTIME_DIR=str(root), PYTHONUNBUFFERED="1")
     os.environ["HOTPLANE_RUNTIME_DIR"] = str(root)
-    up = ["up", "-p", prefix, "--daemon", "--no-huge", "--socket-mem", "64", "--rate", str(a.rate), "--stats-listen", "127.0.0.1:0", "--stop-wait", "3"]
+    up = ["up", "-p", prefix, "--daemon", "--no-huge", "--socket-mem", "160", "--rate", str(a.rate), "--stats-listen", "127.0.0.1:0", "--stop-wait", "3"]
     from hotplane.supervisor.ctl import call
 
     inst = None

@@ -61,18 +61,36 @@ class RingSource:
 
     kind = "ring"
 
-    def __init__(self, port, burst: int) -> None:
+    def __init__(self, port, burst: int, arp: dict[int, bytes] | None = None) -> None:
         self.port = port
         self.frames = np.zeros((burst, port.frame_size), np.uint8)
         self.lengths = np.zeros(burst, np.uint32)
         self.burst = burst
+        # Addresses this sink answers ARP for, as the hosts behind a real port would:
+        # a gateway resolves its next hop before it forwards anything.
+        self.arp = arp or {}
+        self.arp_replies = 0
 
     def poll(self, verify) -> int:
         got = self.port.peer_recv(self.burst, self.frames, self.lengths)
         if got:
             lens = self.lengths[:got]
+            if self.arp:
+                self._answer_arp(got)
             verify(self.frames[:got, : int(lens.max())], lens)
         return got
+
+    def _answer_arp(self, got: int) -> None:
+        from hotplane.shared.packet import build_arp_reply, parse_arp
+
+        is_arp = (self.frames[:got, 12] == 0x08) & (self.frames[:got, 13] == 0x06)
+        for i in np.flatnonzero(is_arp):
+            a = parse_arp(bytes(self.frames[i, : self.lengths[i]]))
+            if a is None or a.op != 1 or a.tpa not in self.arp:
+                continue
+            reply = np.frombuffer(build_arp_reply(self.arp[a.tpa], a.tpa, a.sha, a.spa), np.uint8)
+            self.port.peer_send(reply.reshape(1, -1), np.array([reply.size], np.uint32))
+            self.arp_replies += 1
 
     def wait(self, timeout: float) -> None:
         time.sleep(min(timeout, 200e-6))
@@ -332,6 +350,9 @@ def app_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-flows", type=int, default=1 << 20, help="highest flow id + 1 the sink accepts (default 1048576)")
     ap.add_argument("--fail-on-reorder", action="store_true", help="exit 1 when anything was reordered too")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--arp", action="append", default=[], metavar="IP",
+                    help="ring ports: answer ARP requests for IP (repeatable), as the host behind the port would")
+    ap.add_argument("--mac", default="02:68:70:00:02:01", help="the MAC --arp answers with (default 02:68:70:00:02:01)")
     return ap
 
 
@@ -387,7 +408,12 @@ def main(argv: list[str]) -> int:
             from hotplane.shared.memzone import MemzoneError
 
             try:
-                source = RingSource(attach_ring(inst, app.port, spec), app.burst)
+                import ipaddress
+
+                from hotplane.shared.packet import mac_bytes
+
+                arp = {int(ipaddress.IPv4Address(ip)): mac_bytes(app.mac) for ip in app.arp}
+                source = RingSource(attach_ring(inst, app.port, spec), app.burst, arp)
             except (MemzoneError, ValueError) as e:
                 raise GenError(str(e)) from None
         else:

@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("sessions", help="NAT sessions by protocol")
     sub.add_parser("version", help="versions")
     sub.add_parser("shutdown", help="stop everything")
+    # `supervisorctl stats --json` reads as naturally as `supervisorctl --json stats`.
+    for sp in sub.choices.values():
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON on stdout")
     return ap
 
 

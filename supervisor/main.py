@@ -244,7 +244,7 @@ def build_plan(opts: EalOptions, app: argparse.Namespace, cfg, *, traffic: bool)
         sec_eal += ["--lcores", ",".join(map(str, opts.lcores))]
     pipeline = app.pipeline
     if pipeline is None:
-        pipeline = "forward" if traffic or not _primary_accepts("--pipeline", "nat") else "nat"
+        pipeline = "nat" if _primary_accepts("--pipeline", "nat") else "forward"
     papp = ["--workers", str(n),
             "--inside", port_arg(cfg.gateway.inside_port, "inside", n, cfg.nat.port_lo),
             "--outside", port_arg(cfg.gateway.outside_port, "outside", n, cfg.nat.port_lo)]
@@ -261,7 +261,9 @@ def build_plan(opts: EalOptions, app: argparse.Namespace, cfg, *, traffic: bool)
         inside, outside = cfg.gateway.inside_port, cfg.gateway.outside_port
         # gen and sink run "forever": a duration of 100 years (they take no 0 for unbounded).
         forever = ["--duration", str(UNBOUNDED_SECONDS), "--name"]
-        sink_app = ["--port", f"ring:{outside.name}", *forever, "sink", "--quiet"]
+        # The sink plays the outside host the generator's flows go to: it answers the
+        # gateway's ARP for it, as a host on a real port would.
+        sink_app = ["--port", f"ring:{outside.name}", *forever, "sink", "--quiet", "--arp", "198.18.0.2"]
         plan.append(Program("sink", "sink", _hotplane_cmd("sink", sec_eal, sink_app), _traffic_config("sink", base), 0.5))
         gen_app = ["--port", f"ring:{inside.name}", *forever, "gen", "--quiet", "--flows", str(app.flows), "--rate", str(app.rate)]
         plan.append(Program("gen", "gen", _hotplane_cmd("gen", sec_eal, gen_app), _traffic_config("gen", base), 2))

@@ -68,7 +68,7 @@ def _sink_received_more(prefix: str, than: int) -> dict | None:
 @pytest.mark.timeout(180)
 def test_embedded_default_survives_each_process_type_being_killed(tree, tmp_path: Path) -> None:
     inst = tree
-    r = hotplane(inst, "up", "-p", inst.prefix, "--daemon", "--no-huge", "--socket-mem", "64", "--rate", str(RATE),
+    r = hotplane(inst, "up", "-p", inst.prefix, "--daemon", "--no-huge", "--socket-mem", "160", "--rate", str(RATE),
                  "--stats-listen", "127.0.0.1:0", "--stop-wait", "3")
     assert r.returncode == 0, r.stderr + r.stdout
     assert "is up" in r.stdout
