@@ -107,7 +107,7 @@ class Worker:
 
         for q in (self.inq, self.outq):
             prev_pid, _ = owner_of(q.words)
-            self.tokens.append((q.words, claim(q.words)))
+            self.tokens.append((q.words, claim(q.words, prefix=self.inst.prefix)))
             if prev_pid:  # the previous owner died holding the queue: repair its cursors
                 moved = reconcile(q)
                 if moved["rx"] or moved["tx"]:

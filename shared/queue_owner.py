@@ -28,21 +28,34 @@ def owner_of(words: np.ndarray) -> tuple[int, int]:
     return unpack_owner(int(words[W_OWNER]))
 
 
-def claim(words: np.ndarray, *, force: bool = False, pid: int | None = None) -> int:
+def owner_alive(pid: int, prefix: str | None = None) -> bool:
+    """Is ``pid`` a live hotplane process (of instance ``prefix``, when given)?
+
+    A dead owner's pid may since belong to an unrelated process: only a live
+    process whose command line is a hotplane one of this instance counts.
+    """
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmd = " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    if "hotplane" not in cmd:
+        return False
+    return prefix is None or prefix in cmd
+
+
+def claim(words: np.ndarray, *, force: bool = False, pid: int | None = None, prefix: str | None = None) -> int:
     """Take a queue; returns this owner's token (the packed word).
 
-    Refuses a queue whose owner is a live process other than us, unless
+    Refuses a queue whose owner is a live hotplane process other than us, unless
     ``force`` (the designated successor of a hung, fenced owner).
     """
     pid = os.getpid() if pid is None else pid
     old_pid, gen = owner_of(words)
-    if old_pid and old_pid != pid and not force and psutil.pid_exists(old_pid):
-        try:
-            alive = psutil.Process(old_pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            alive = False
-        if alive:
-            raise QueueBusy(f"queue is owned by live pid {old_pid} (generation {gen})")
+    if old_pid and old_pid != pid and not force and owner_alive(old_pid, prefix):
+        raise QueueBusy(f"queue is owned by live pid {old_pid} (generation {gen})")
     token = pack_owner(pid, (gen + 1) & 0xFFFFFFFF)
     words[W_OWNER] = token
     return token
