@@ -1,6 +1,6 @@
 """The worker: polls queue N of the inside and the outside port and runs the pipeline on bursts.
 
-``hotplane worker [EAL] -- --id N [--busy-poll] [--json]``
+``hotplane worker [EAL] -- --id N [--busy-poll] [--json] [--candidate]``
 
 Run to completion, as a DPDK lcore does: receive a burst, process it with
 numpy, transmit it with one doorbell, hand the slots back. The queues'
@@ -8,14 +8,42 @@ cursors and ownership words live in shared memory, so a replacement worker
 continues exactly where this one stopped, and a worker whose ownership word
 was taken (fenced) stops polling at once and exits without touching the
 queue again.
+
+Hot upgrade (issue 6, ``supervisor/upgrade.py`` drives it)
+---------------------------------------------------------
+Every worker serves an upgrade control socket,
+``<runtime>/upgrade/w<pid>.sock`` (a thread; the poll loop sees a command
+with one load per iteration, at a burst boundary). Requests:
+
+* ``release {queue}``: finish the burst, stop polling and ticking (TX is
+  already flushed: every burst rings its doorbell), give up the session
+  tables' writer role, then release both ownership words (a unit's queues
+  move together: the session tables do). Stamps ``old_last_burst_ns``,
+  ``released_ns`` and ``old_token`` in ``upgrade_control``. The worker
+  stays parked: alive, not polling, not beating, until told otherwise.
+* ``claim {queue, force}``: armed, spin on the ownership word and claim it
+  the moment its owner pid reads 0 (``force``: claim now, the generation
+  fences whoever held it). Once the worker holds all its queues it takes the
+  session tables' writer role (finishing a migration first) and polls.
+  Replies when the claim landed. Used by the candidate of an upgrade and by
+  the parked old worker of a rollback.
+* ``park`` / ``commit``: acknowledged; ``exit``: leave without touching the
+  queues (or release them cleanly when still owned); ``status``.
+
+``--candidate`` starts parked: attach, validate every zone against this
+build's schema registry, migrate the session tables if this build's layout
+differs (``HOTPLANE_SESSION_VERSION``), warm up, report each step to the
+supervisor (``candidate_report``), then wait for ``claim``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -84,41 +112,253 @@ def make_pipeline(cfg: dict, worker_id: int, inst):
     raise InstanceError(f"unknown pipeline {kind!r}")
 
 
-class Worker:
-    """One worker's state: its two queues, its counter block, its pipeline."""
+QUEUE_SIDES = ("inside", "outside")
 
-    def __init__(self, inst, cfg: dict, worker_id: int) -> None:
+
+def control_socket_path(runtime_dir, pid: int):
+    """Where worker ``pid`` serves its upgrade control socket."""
+    from pathlib import Path
+
+    return Path(runtime_dir) / "upgrade" / f"w{pid}.sock"
+
+
+class _ReadersOnly:
+    """Build a pipeline without taking its session tables' writer role (a candidate's view).
+
+    ``primary/nat_zones.attach_nat_zones`` attaches the tables as writer; a candidate
+    may not write while the old worker runs (one writer per table). Until the pipeline
+    offers ``suspend()``/``resume()`` and the zones a ``writer=False``, the tables that
+    asked for the writer role are attached as readers and remembered, so that
+    :meth:`Worker.resume_tables` takes the role at the swap.
+    """
+
+    def __enter__(self):
+        from hotplane.shared.session_table import SessionTable
+
+        self.cls = SessionTable
+        self.orig = SessionTable.__dict__["attach"]
+        self.wanted: list = []
+        orig_fn = self.orig.__func__
+        wanted = self.wanted
+
+        def attach(cls, buf, *, writer=False, force=False, recover=True):
+            t = orig_fn(cls, buf, writer=False)
+            if writer:
+                wanted.append(t)
+            return t
+
+        SessionTable.attach = classmethod(attach)
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.attach = self.orig
+        return False
+
+
+class Worker:
+    """One worker's state: its two queues, its counter block, its pipeline, its upgrade role."""
+
+    def __init__(self, inst, cfg: dict, worker_id: int, *, candidate: bool = False) -> None:
         from hotplane.shared.ports import port_queue
 
         self.inst = inst
         self.id = worker_id
+        self.candidate = candidate
         fetch = af_packet_fds(inst)
         self.inq, self._keep_in = port_queue(inst.directory, cfg["inside"], worker_id, fds_from=fetch)
         self.outq, self._keep_out = port_queue(inst.directory, cfg["outside"], worker_id, fds_from=fetch)
+        self.nq = int(cfg["workers"])
         z = inst.directory.lookup_checked("counters", WORKER_COUNTERS)
         self.counters = CounterBlocks.attach(z.view).block(worker_id)
-        self.pipeline = make_pipeline(cfg, worker_id, inst)
+        self.tables: list = []  # session tables whose writer role moves with the queues
+        if candidate:
+            with _ReadersOnly() as ro:
+                self.pipeline = make_pipeline(cfg, worker_id, inst)
+            self.tables = ro.wanted
+        else:
+            self.pipeline = make_pipeline(cfg, worker_id, inst)
+            self.tables = [t for t in (getattr(self.pipeline, "in2out", None), getattr(self.pipeline, "out2in", None)) if t is not None and getattr(t, "is_writer", False)]
         self.stop = False
         self.tokens: list[tuple[np.ndarray, int]] = []
+        # Upgrade role: queue name -> (queue, token) while owned; requests from the control thread.
+        self.queues = {f"inside/{worker_id}": self.inq, f"outside/{worker_id}": self.outq}
+        self.owned: dict[str, int] = {}
+        self.parked = candidate
+        self.inbox: collections.deque = collections.deque()
+        self.armed: dict[str, list] = {}  # queue -> [force, deadline, replies]
+        self.release_replies: list = []
+        self.last_pass_ns = 0
+        self.first_burst_due = False
+        self.exit_code = EXIT_OK
+        self.ctl = None
+        self.upc = None  # upgrade_control records (None until an upgrade created the zone)
+        self._pending_claim_replies: list = []
+
+    # ------------------------------------------------------------------ ownership
 
     def claim_queues(self) -> None:
         from hotplane.shared.burst import reconcile
         from hotplane.shared.queue_owner import owner_of
 
-        for q in (self.inq, self.outq):
+        for name, q in self.queues.items():
             prev_pid, _ = owner_of(q.words)
-            self.tokens.append((q.words, claim(q.words, prefix=self.inst.prefix)))
-            if prev_pid:  # the previous owner died holding the queue: repair its cursors
+            tok = claim(q.words, prefix=self.inst.prefix)
+            self.owned[name] = tok
+            if prev_pid and prev_pid != os.getpid():  # the previous owner died holding the queue: repair its cursors
                 moved = reconcile(q)
                 if moved["rx"] or moved["tx"]:
                     print(f"worker {self.id}: queue {q.qid} taken over from dead pid {prev_pid}: cursors repaired {moved}", file=sys.stderr)
+        self._sync_tokens()
+
+    def _sync_tokens(self) -> None:
+        self.tokens = [(self.queues[n].words, t) for n, t in self.owned.items()]
 
     def release_queues(self) -> None:
         for words, tok in self.tokens:
             release(words, tok)
+        self.owned.clear()
+        self._sync_tokens()
 
     def fenced(self) -> bool:
         return not all(still_mine(w, t) for w, t in self.tokens)
+
+    # ------------------------------------------------------------------ upgrade control
+
+    def _upc_record(self, qname: str):
+        """This queue's upgrade_control record (None without the zone)."""
+        if self.upc is None:
+            z = self.inst.directory.lookup("upgrade_control")
+            if z is None:
+                return None
+            from hotplane.schema import upgrade as up
+
+            try:
+                self.upc = up.attach(z.view)[1]
+            except Exception:
+                return None
+        side, q = qname.split("/")
+        i = QUEUE_SIDES.index(side) * self.nq + int(q)
+        return self.upc[i] if i < len(self.upc) else None
+
+    def _stamp(self, qname: str, **fields) -> None:
+        r = self._upc_record(qname)
+        if r is not None:
+            for k, v in fields.items():
+                r[k] = v
+
+    def post(self, op: str, params: dict, reply) -> None:
+        """From the control thread: queue a request; ``reply(result_or_exception)`` answers it."""
+        self.inbox.append((op, params, reply))
+
+    def _service(self) -> None:
+        """Handle the queued control requests (called at a burst boundary)."""
+        while self.inbox:
+            op, params, reply = self.inbox.popleft()
+            try:
+                if op == "release":
+                    if self.owned:
+                        self.park()
+                    reply({"released": params.get("queue"), "pid": os.getpid()})
+                elif op == "claim":
+                    q = params.get("queue")
+                    if q not in self.queues:
+                        raise ValueError(f"no queue {q!r} here (have {', '.join(self.queues)})")
+                    if q in self.owned and still_mine(self.queues[q].words, self.owned[q]):
+                        reply({"claimed": q, "pid": os.getpid(), "already": True})
+                        continue
+                    deadline = time.monotonic() + float(params.get("timeout", 5.0))
+                    ent = self.armed.setdefault(q, [False, deadline, []])
+                    ent[0] = ent[0] or bool(params.get("force"))
+                    ent[1] = max(ent[1], deadline)
+                    ent[2].append(reply)
+                elif op in ("park", "commit"):
+                    reply({"ok": True, "op": op, "parked": self.parked})
+                elif op == "exit":
+                    self.stop = True
+                    reply({"ok": True, "exiting": True})
+                elif op == "status":
+                    reply(self.describe())
+                else:
+                    raise ValueError(f"unknown op {op!r}")
+            except Exception as e:  # an answer, never a dead worker
+                reply(e)
+
+    def describe(self) -> dict:
+        return {"pid": os.getpid(), "worker": self.id, "version": __version__, "candidate": self.candidate, "parked": self.parked,
+                "owned": sorted(self.owned), "armed": sorted(self.armed)}
+
+    def suspend_tables(self) -> None:
+        """Stop writing the session tables and give up their writer role."""
+        p = self.pipeline
+        if hasattr(p, "suspend"):
+            p.suspend()
+            return
+        zh = getattr(p, "zone_header", None)
+        if zh is not None and hasattr(p, "sweeper"):
+            zh["expiry_cursor"] = p.sweeper.cursor  # the successor continues the expiry sweep here
+        for t in self.tables:
+            t.release()
+
+    def resume_tables(self) -> None:
+        """Take the session tables' writer role back (after the previous writer released it)."""
+        p = self.pipeline
+        if hasattr(p, "resume"):
+            p.resume()
+            return
+        for t in self.tables:
+            if not t.is_writer:
+                t._take_writer(False)
+                t.recovered = t.recover()
+        zh = getattr(p, "zone_header", None)
+        if zh is not None and hasattr(p, "sweeper"):
+            p.sweeper.cursor = int(zh["expiry_cursor"][0]) % p.sweeper.capacity
+
+    def park(self) -> None:
+        """The old side of a swap: stop at this burst boundary, release tables then queues."""
+        last = self.last_pass_ns or time.monotonic_ns()
+        self.suspend_tables()
+        for name, tok in list(self.owned.items()):
+            self._stamp(name, old_last_burst_ns=last, old_token=tok)
+            release(self.queues[name].words, tok)
+            self._stamp(name, released_ns=time.monotonic_ns())
+        self.owned.clear()
+        self._sync_tokens()
+        self.parked = True
+
+    def _spin_claims(self) -> None:
+        """Armed: claim each armed queue the moment its word reads unowned (or now, if forced)."""
+        from hotplane.shared.queue_owner import owner_of
+
+        now = time.monotonic()
+        for name in list(self.armed):
+            force, deadline, replies = self.armed[name]
+            q = self.queues[name]
+            pid, _ = owner_of(q.words)
+            if pid == 0 or force or pid == os.getpid():
+                tok = claim(q.words, force=True)
+                self._stamp(name, claimed_ns=time.monotonic_ns(), new_token=tok)
+                if pid and pid != os.getpid():
+                    from hotplane.shared.burst import reconcile
+
+                    reconcile(q)  # a forced claim over a hung or dead owner: repair its cursors
+                self.owned[name] = tok
+                del self.armed[name]
+                self._sync_tokens()
+                self._pending_claim_replies.extend(replies)
+            elif now > deadline:
+                del self.armed[name]
+                for r in replies:
+                    r(TimeoutError(f"{name}: still owned by pid {pid} after the claim deadline"))
+        if len(self.owned) == len(self.queues) and self.parked:
+            self.resume_tables()
+            self.parked = False
+            # Counters continue (no reset, no restart counted); the block shows who writes it now.
+            self.counters.start(__version__, self.inst.generation, count_restart=False)
+            self.first_burst_due = True
+        if self._pending_claim_replies and not self.parked:
+            for r in self._pending_claim_replies:
+                r({"claimed": True, "pid": os.getpid()})
+            self._pending_claim_replies.clear()
 
     def _send_emitted(self) -> None:
         p = self.pipeline
@@ -189,26 +429,154 @@ class Worker:
         next_tick = time.monotonic()
         c = self.counters
         while not self.stop:
+            if self.inbox:
+                self._service()
+            if self.armed:
+                self._spin_claims()
+            if self.parked:
+                # Not polling, not ticking, not beating (the block's writer is the successor).
+                if self.armed:
+                    os.sched_yield()  # spinning on the ownership word: take over within microseconds
+                else:
+                    time.sleep(IDLE_SLEEP_MIN * 10)
+                continue
             if self.fenced():
                 print(f"worker {self.id}: queue ownership taken by another process: stopping without touching the queues", file=sys.stderr)
                 return EXIT_FENCED
             n = self.poll_once(max_burst)
-            now = time.monotonic()
-            c.beat()
+            now_ns = time.monotonic_ns()
+            self.last_pass_ns = now_ns
+            if self.first_burst_due:
+                self.first_burst_due = False
+                for name in self.owned:
+                    self._stamp(name, new_first_burst_ns=now_ns)
+                if hasattr(self.pipeline, "_rebuild_host_counts"):
+                    self.pipeline._rebuild_host_counts()  # per-host limits from the table as handed over
+            now = now_ns / 1e9
+            c.beat(now_ns)
             if now >= next_tick:
                 self.pipeline.tick(now)
                 if self.pipeline.emit:
                     self._send_emitted()
                 next_tick = now + TICK_INTERVAL
-            if n == 0 and not busy_poll:
+            if n == 0 and not busy_poll and not self.inbox:
                 # Two cores are shared by every process here: back off while idle
                 # (DPDK's power-management idea) instead of spinning.
                 time.sleep(idle_sleep)
                 idle_sleep = min(idle_sleep * 2, IDLE_SLEEP_MAX)
             else:
                 idle_sleep = IDLE_SLEEP_MIN
+        if self.owned and not self.fenced():
+            self.suspend_tables()
         self.release_queues()
-        return EXIT_OK
+        return self.exit_code
+
+
+class ControlServer:
+    """The upgrade control socket, served by a thread with its own event loop."""
+
+    def __init__(self, worker: Worker, path) -> None:
+        self.worker = worker
+        self.path = path
+        self.ready = threading.Event()
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._main, name="upgrade-control", daemon=True)
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.thread.start()
+        self.ready.wait(10)
+        if self.error is not None:
+            raise InstanceError(f"cannot serve the upgrade control socket {self.path}: {self.error}")
+
+    def _main(self) -> None:
+        import asyncio
+
+        try:
+            asyncio.run(self._serve())
+        except Exception as e:  # noqa: BLE001 - reported through start()
+            self.error = e
+            self.ready.set()
+
+    async def _serve(self) -> None:
+        import asyncio
+
+        from hotplane.shared import ipc
+
+        loop = asyncio.get_running_loop()
+
+        async def handle(channel, request):
+            params = request.params if isinstance(request.params, dict) else {}
+            fut = loop.create_future()
+
+            def reply(res, fut=fut):
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(res))
+
+            self.worker.post(request.method, params, reply)
+            res = await asyncio.wait_for(fut, float(params.get("timeout", 5.0)) + 5.0)
+            if isinstance(res, Exception):
+                raise ipc.RemoteError("upgrade", f"worker {self.worker.id} pid {os.getpid()}: {res}")
+            return res, ()
+
+        server = await ipc.serve(self.path, handle, heartbeat_interval=None)
+        self.ready.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.close()
+
+    def close(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def report_candidate(name: str, step: str, detail: dict | None = None) -> None:
+    """A candidate's progress, to the supervisor running the upgrade (stdout without one)."""
+    payload = {"unit": name, "pid": os.getpid(), "step": step, "detail": detail or {}, "version": __version__}
+    path = os.environ.get("HOTPLANE_SUPERVISOR_SOCKET")
+    if path:
+        from hotplane.shared.ipc import IpcError, request_sync
+
+        try:
+            request_sync(path, "candidate_report", payload, timeout=10.0)
+        except IpcError as e:
+            print(f"candidate {name}: could not report {step!r} to the supervisor: {e}", file=sys.stderr)
+    print(f"CANDIDATE {name} {step}", flush=True)
+
+
+def validate_zones(directory) -> dict[str, str]:
+    """Every zone as this build sees it: compatible / needs migration / refused: why."""
+    from hotplane.schema import registry
+
+    want_session = session_version()
+    out = {}
+    for z in directory.list():
+        target = want_session if z.schema_id == 4 else None
+        out[z.name] = registry.compatibility(z.schema_id, z.version, z.layout_hash, target)
+        if z.schema_id == 4 and out[z.name] == "needs migration":
+            out[z.name] = "refused: session table migration in a worker is not wired to the NAT pipeline yet"
+    return out
+
+
+def session_version() -> int:
+    """The session-table layout this build writes (``HOTPLANE_SESSION_VERSION``, default 1)."""
+    try:
+        return int(os.environ.get("HOTPLANE_SESSION_VERSION", "1"))
+    except ValueError:
+        return 1
+
+
+def warm_up(w: Worker) -> None:
+    """Touch what the first burst will touch: table pages (read-only lookups), numpy paths."""
+    for t in w.tables:
+        k = np.arange(1, 257, dtype=np.uint64)
+        try:
+            t.lookup_batch(k, k)
+        except Exception:
+            pass
+    rx_burst.__call__  # imported and resolved
 
 
 from hotplane.schema.counters import DROP_REASONS  # noqa: E402
@@ -222,6 +590,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--id", type=int, required=True, help="worker slot: polls queue ID of each port")
     ap.add_argument("--burst", type=int, default=256, help="maximum burst size (default 256)")
     ap.add_argument("--busy-poll", action="store_true", help="never sleep when idle (benchmarks, dedicated cores)")
+    ap.add_argument("--candidate", action="store_true", help="hot-upgrade candidate: attach, validate, warm up, wait for the swap")
+    ap.add_argument("--dry-run", action="store_true", help="with --candidate: validate the zones, report, exit")
     ap.add_argument("--json", action="store_true")
     try:
         app = ap.parse_args(opts.app_args)
@@ -230,14 +600,24 @@ def main(argv: list[str]) -> int:
     if not 1 <= app.burst <= 512:
         print("hotplane worker: --burst must be 1..512", file=sys.stderr)
         return EXIT_USAGE
+    name = os.environ.get("HOTPLANE_UPGRADE_UNIT", f"worker-{app.id}")
     try:
         inst = eal_init(opts)
         cfg = primary_config(inst)
         if not 0 <= app.id < int(cfg["workers"]):
             print(f"hotplane worker: --id {app.id} out of range: the instance has {cfg['workers']} worker slots", file=sys.stderr)
             return EXIT_USAGE
-        w = Worker(inst, cfg, app.id)
-        w.claim_queues()
+        if app.candidate:
+            report_candidate(name, "attached", {"generation": inst.generation})
+            zones = validate_zones(inst.directory)
+            report_candidate(name, "validated", {"zones": zones})
+            if app.dry_run or any(v.startswith("refused") for v in zones.values()):
+                return EXIT_OK
+        w = Worker(inst, cfg, app.id, candidate=app.candidate)
+        w.ctl = ControlServer(w, control_socket_path(inst.runtime_dir, os.getpid()))
+        w.ctl.start()
+        if not app.candidate:
+            w.claim_queues()
     except (InstanceError, QueueBusy, ValueError) as e:
         print(f"hotplane worker: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -247,6 +627,14 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    w.counters.start(f"{__version__}", inst.generation)
-    report_ready(f"worker-{app.id}", {"worker": app.id, "version": __version__, "pipeline": cfg.get("pipeline")}, as_json=app.json)
-    return w.run(app.burst, app.busy_poll)
+    try:
+        if app.candidate:
+            warm_up(w)
+            report_candidate(name, "warm")
+            report_candidate(name, "ready", {"control": str(w.ctl.path)})
+        else:
+            w.counters.start(f"{__version__}", inst.generation)
+            report_ready(f"worker-{app.id}", {"worker": app.id, "version": __version__, "pipeline": cfg.get("pipeline"), "control": str(w.ctl.path)}, as_json=app.json)
+        return w.run(app.burst, app.busy_poll)
+    finally:
+        w.ctl.close()

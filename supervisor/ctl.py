@@ -77,6 +77,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("sessions", help="NAT sessions by protocol")
     sub.add_parser("version", help="versions")
     sub.add_parser("shutdown", help="stop everything")
+    p = sub.add_parser("upgrade", help="hot upgrade: 'upgrade --to TARGET', 'upgrade status', 'upgrade history', 'upgrade commit'")
+    p.add_argument("action", nargs="?", choices=("status", "history", "commit"), help="show the running/last upgrade, the history, or end the park window now")
+    p.add_argument("--to", dest="target", help="another hotplane build: a checkout directory (with .venv/bin/python or using ours) or an installed version")
+    p.add_argument("--dry-run", action="store_true", help="validate every zone against the target build (compatible / needs migration / refused); change nothing")
+    p.add_argument("--canary", type=int, default=0, help="swap N workers first and watch their health before the rest")
+    p.add_argument("--canary-window", type=float, default=5.0, help="seconds the canary is watched (default 5)")
+    p.add_argument("--park-time", type=float, default=10.0, help="seconds the old processes stay parked after commit (rollback possible; default 10)")
+    p = sub.add_parser("rollback", help="swap back to the old version while its processes are parked")
     # `supervisorctl stats --json` reads as naturally as `supervisorctl --json stats`.
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON on stdout")
@@ -266,6 +274,8 @@ def run(a: argparse.Namespace) -> int:
             for name, v in res["programs"].items():
                 print(f"{name:<16} {v}")
         return EXIT_OK
+    if cmd == "upgrade" or cmd == "rollback":
+        return run_upgrade(a, prefix, emit)
     if cmd == "shutdown":
         res = call(prefix, "shutdown")
         if emit:
@@ -274,6 +284,47 @@ def run(a: argparse.Namespace) -> int:
             print(f"supervisor pid {res['pid']} is shutting down instance {prefix!r} ('hotplane down -p {prefix}' waits for it)")
         return EXIT_OK
     raise CtlError(EXIT_USAGE, f"unknown command {cmd!r}", "usage")
+
+
+def format_upgrade(st: dict) -> str:
+    lines = list(st.get("lines") or [])
+    lines.append(f"phase {st.get('phase')}" + (f", result {st['result']}" if st.get("result") else "") + (f": {st['reason']}" if st.get("reason") else ""))
+    for name, u in (st.get("units") or {}).items():
+        owners = ", ".join(f"{q}={o}" for q, o in u.get("owners", {}).items())
+        lines.append(f"  {name:<12} {u.get('step'):<10} {owners}")
+    gaps = st.get("swap_gaps_us") or {}
+    if gaps:
+        lines.append("  swap gaps: " + ", ".join(f"{q} {g:.0f} us" for q, g in gaps.items()))
+    return "\n".join(lines)
+
+
+def run_upgrade(a: argparse.Namespace, prefix: str, emit) -> int:
+    """``upgrade --to T``, ``upgrade status|history|commit``, ``rollback``."""
+    if a.command == "rollback":
+        res = call(prefix, "rollback", {"wait": True, "timeout": a.timeout}, timeout=a.timeout + 10)
+        emit(res) if emit else print(format_upgrade(res))
+        return EXIT_OK if res.get("result") in ("rolled back", "aborted") else EXIT_FAILED
+    if a.action == "history":
+        res = call(prefix, "upgrade_history")
+        if emit:
+            emit(res)
+        else:
+            for h in res["history"]:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["time"]))
+                print(f"{when}  {h['from']} -> {h['to']}  {h['result']}{' (dry run)' if h.get('dry_run') else ''}  {h['elapsed_s']:.2f}s  {h.get('reason') or ''}".rstrip())
+        return EXIT_OK
+    if a.action in ("status", "commit"):
+        res = call(prefix, "upgrade_status" if a.action == "status" else "upgrade_commit")
+        emit(res) if emit else print(format_upgrade(res))
+        return EXIT_OK
+    if not a.target:
+        raise CtlError(EXIT_USAGE, "upgrade needs --to TARGET (or status / history / commit)", "usage")
+    params = {"to": a.target, "dry_run": a.dry_run, "canary": a.canary, "canary_window": a.canary_window, "park_time": a.park_time,
+              "wait": True, "timeout": a.timeout}
+    res = call(prefix, "upgrade", params, timeout=a.timeout + 30)
+    emit(res) if emit else print(format_upgrade(res))
+    ok = res.get("result") in ("committed", "dry run") or res.get("phase") == "COMMITTED"
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def follow(path: str, name: str, emit) -> int:

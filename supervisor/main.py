@@ -39,7 +39,10 @@ Control socket methods (msgpack requests, see :mod:`hotplane.shared.ipc`)
 -------------------------------------------------------------------------
 ``ready {name, pid, ...}`` (from a child), ``status {names?}``, ``start {names}``,
 ``stop {names}``, ``restart {names}``, ``signal {names, signal}``, ``pid {name?}``,
-``tail {name, lines}``, ``stats``, ``sessions``, ``version``, ``shutdown``.
+``tail {name, lines}``, ``stats``, ``sessions``, ``version``, ``shutdown``; hot upgrade
+(:mod:`hotplane.supervisor.upgrade`): ``upgrade {to, dry_run?, canary?, park_time?, wait?}``,
+``upgrade_status``, ``upgrade_history``, ``upgrade_commit``, ``rollback``, and
+``candidate_report {unit, pid, step, detail}`` (from a candidate).
 ``names`` is a list of program names or ``["all"]``; an unknown name is a
 ``RemoteError`` of type ``unknown_program`` (supervisorctl exits 4).
 """
@@ -160,6 +163,7 @@ class Program:
     adopted: bool = False
     ready_info: dict[str, Any] = field(default_factory=dict)
     version: str = __version__
+    extra_env: dict[str, str] = field(default_factory=dict)  # the build it runs (set by a hot upgrade)
 
     def __post_init__(self) -> None:
         self.machine = ProcessMachine(self.config)
@@ -328,6 +332,8 @@ class Supervisor:
         self._hb_stale: dict[str, int] = {}
         self._last_status = ""
         self.fresh_instance = False
+        self.upgrade = None  # the hot-upgrade shell (supervisor/upgrade.py), made in run()
+        self.worker_build = None  # the build workers run after a committed upgrade (None: ours)
 
     # ------------------------------------------------------------------ messages
 
@@ -345,6 +351,8 @@ class Supervisor:
 
     def feed(self, prog: Program, event) -> None:
         assert self.loop is not None
+        if isinstance(event, Exited) and prog.kind == "worker" and self.upgrade is not None:
+            self.upgrade.on_program_exit(prog, event.pid, f"code {event.code} signal {event.signal}")
         for action in prog.machine.handle(event, self.loop.time()):
             self._do(prog, action)
 
@@ -398,7 +406,11 @@ class Supervisor:
             "HOTPLANE_RUNTIME_DIR": str(runtime_root()),
             "PYTHONUNBUFFERED": "1",
         })
-        spec = launcher.LaunchSpec(prog.name, prog.argv, env=env, version=__version__)
+        if prog.extra_env:  # a hot upgrade moved the program to another build
+            env.pop("PYTHONPATH", None)
+            env.pop("HOTPLANE_SESSION_VERSION", None)
+            env.update(prog.extra_env)
+        spec = launcher.LaunchSpec(prog.name, prog.argv, env=env, version=prog.version)
         if prog.log is None:
             prog.log = LogFile(self.log_dir / f"{prog.name}.log", name=prog.name, report=lambda m: self.say(m, "warning"))
         prog.log.write_line(f"starting: {' '.join(prog.argv)}")
@@ -724,6 +736,26 @@ class Supervisor:
             return dict((st or {}).get("sessions") or {"available": False, "total": 0, "by_protocol": {}, "per_worker": {}}), ()
         if m == "version":
             return {"version": __version__, "pid": os.getpid(), "programs": {p.name: self.program_row(p)["version"] for p in self.programs.values()}}, ()
+        if m == "candidate_report":
+            from hotplane.supervisor import upgrade_protocol as upp
+
+            if self.upgrade is None or self.upgrade.machine is None:
+                raise RemoteError("not_running", "no upgrade is running")
+            self.upgrade.feed(upp.CandidateReport(str(params.get("unit")), str(params.get("step")), dict(params.get("detail") or {})))
+            return {"ok": True}, ()
+        if m == "upgrade":
+            if self.shutting_down:
+                raise RemoteError("shutting_down", "the supervisor is shutting down")
+            return await self.upgrade.start(params), ()
+        if m == "upgrade_status":
+            return self.upgrade.status(), ()
+        if m == "upgrade_history":
+            return {"history": self.upgrade.history()}, ()
+        if m == "upgrade_commit":
+            self.upgrade.commit_now()
+            return self.upgrade.status(), ()
+        if m == "rollback":
+            return await self.upgrade.rollback(params), ()
         if m == "shutdown":
             self.request_shutdown(f"requested by pid {channel.peer.pid}")
             return {"pid": os.getpid(), "shutting_down": True}, ()
@@ -867,6 +899,13 @@ class Supervisor:
             return EXIT_FAILURE
         if self.programs["primary"].machine.is_up:
             self._attach_memory()
+        from hotplane.supervisor.upgrade import UpgradeShell
+
+        self.upgrade = UpgradeShell(self)
+        try:
+            self.upgrade.resume_after_restart()
+        except Exception as e:  # noqa: BLE001 - a broken record must not stop supervision
+            self.say(f"upgrade: cannot resume the interrupted upgrade: {e}", "error")
         self._tasks += [
             asyncio.ensure_future(self._sampler()),
             asyncio.ensure_future(self._heartbeat_watch()),
