@@ -41,6 +41,8 @@ def owner_alive(pid: int, prefix: str | None = None) -> bool:
         cmd = " ".join(p.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+    if not cmd:
+        return True  # between fork and exec: cannot tell yet, so do not take its queue
     if "hotplane" not in cmd:
         return False
     return prefix is None or prefix in cmd

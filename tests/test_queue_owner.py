@@ -9,7 +9,18 @@ import numpy as np
 from hotplane.schema.port import W_OWNER, unpack_owner
 from hotplane.shared.queue_owner import QueueBusy, claim, owner_alive, release, still_mine
 
+import psutil
 import pytest
+
+
+def started(p: subprocess.Popen) -> subprocess.Popen:
+    """Wait (bounded) until the child has exec'd: before that its cmdline is empty."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while not psutil.Process(p.pid).cmdline() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return p
 
 
 def words():
@@ -32,7 +43,7 @@ def test_claim_bumps_generation_and_release_keeps_it():
 def test_live_hotplane_owner_refuses_unrelated_pid_does_not():
     w = words()
     # A live process that is not hotplane (a pid reused by something else) does not hold the queue.
-    other = subprocess.Popen(["sleep", "30"])
+    other = started(subprocess.Popen(["sleep", "30"]))
     try:
         assert not owner_alive(other.pid)
         claim(w, pid=other.pid)
@@ -41,7 +52,7 @@ def test_live_hotplane_owner_refuses_unrelated_pid_does_not():
         other.kill()
         other.wait()
     # A live hotplane process of this instance does.
-    hp = subprocess.Popen([sys.executable, "-c", "import sys,time; time.sleep(30)", "hotplane", "worker", "--file-prefix", "pfx"])
+    hp = started(subprocess.Popen([sys.executable, "-c", "import sys,time; time.sleep(30)", "hotplane", "worker", "--file-prefix", "pfx"]))
     try:
         assert owner_alive(hp.pid, "pfx") and not owner_alive(hp.pid, "other")
         claim(w, pid=hp.pid, force=True)
