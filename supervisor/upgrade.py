@@ -560,6 +560,15 @@ class UpgradeShell:
         old = self.old_children.pop(unit, None)
         self.handed.discard(unit)
         build = self.builds["old"]
+        # The candidate's program may have autorestarted it (new build) after it was killed
+        # for the revert: that process must not outlive the hand-back, or two workers of
+        # one slot would exist and the tracked one could never claim the queues.
+        stray = prog.child
+        if stray is not None and stray is not old and getattr(stray, "exit", None) is None:
+            try:
+                stray.send_signal(signal.SIGKILL)
+            except (ProcessLookupError, OSError):
+                pass
         for h in prog.timers.values():
             h.cancel()
         prog.timers.clear()

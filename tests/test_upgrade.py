@@ -165,7 +165,12 @@ def test_sigkill_of_the_candidate_and_of_the_old_worker_leave_one_owner(tree, bu
     os.kill(int(old_pid), signal.SIGKILL)
     rb = json.loads(u.ctl(inst, "--json", "rollback", timeout=60).stdout.strip().splitlines()[-1])
     assert rb["result"] == "rolled back", rb
-    u.wait_for(lambda: u.all_up(p), 30, "everything up after the rollback")
+    try:
+        u.wait_for(lambda: u.all_up(p), 30, "everything up after the rollback")
+    except AssertionError:
+        print(u.ctl(inst, "status").stdout)
+        print(u.ctl(inst, "tail", "-n", "60").stdout)
+        raise
     _one_owner_each(p)
     s = u.traffic(p)["sink"]
     assert s["duplicated"] == 0 and s["corrupted"] == 0, s
