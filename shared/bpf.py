@@ -32,10 +32,25 @@ goes to queue 0. A frame too short for a field the program reads also goes
 to queue 0 (the kernel aborts the program and uses its return value 0); such
 frames are malformed and the worker drops them with a reason anyway.
 
+ICMP errors (types 3, 4, 5, 11, 12) are steered by the packet they quote,
+which starts 8 bytes into the ICMP message, so that they reach the worker
+owning its session: ``dport`` (outside) is the quote's *source* port (the
+NAT's translated port) and ``sport`` (inside) is the quote's *destination*
+port; for a quoted echo/echo reply both are its identifier. The quote must be
+IPv4 (first byte 0x45..0x4F), TCP/UDP with both ports present or ICMP echo
+(0/8) with its identifier present; otherwise the port is 0, as before this
+rule. The programs compare those lengths with ``skb->len`` before loading, so
+a short quote never aborts the program (which would mean queue 0 also for an
+inside port, where port 0 still hashes the source address).
+
 All packet loads are relative to the network header (``SKF_NET_OFF``) and the
 ethertype comes from ``skb->protocol`` (``SKF_AD_PROTOCOL``), so the programs
 give the same answer whether the kernel presents the skb at its MAC header
-(egress) or at its network header (ingress, where fanout runs).
+(egress) or at its network header (ingress, where fanout runs) -- except the
+quote length checks of ICMP errors: ``skb->len`` counts the MAC header on
+egress, so there a quote short by at most 14 bytes aborts the program (queue 0)
+instead of taking port 0. Only frames the host itself sends are seen at egress,
+and every queue's socket filter drops those anyway.
 
 :func:`steering_queue` is the same function in plain Python, one frame at a
 time: the reference the programs are tested against (the fast numpy version
@@ -79,6 +94,7 @@ PACKET_OUTGOING = 4  # skb->pkt_type of frames the host itself sends
 
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
 ICMP_ECHOREPLY, ICMP_ECHO = 0, 8
+ICMP_ERRORS = (3, 4, 5, 11, 12)  # unreachable, source quench, redirect, time exceeded, parameter problem
 
 DEFAULT_PORT_LO = 1024
 
@@ -160,6 +176,14 @@ class Asm:
         """M[slot] = A."""
         return self.emit(ST, slot)
 
+    def ldx_len(self) -> "Asm":
+        """X = skb->len (from the network header on ingress, where fanout runs)."""
+        return self.emit(LDX | W | LEN)
+
+    def ldx_mem(self, slot: int) -> "Asm":
+        """X = M[slot]."""
+        return self.emit(LDX | MEM, slot)
+
     def tax(self) -> "Asm":
         return self.emit(MISC | TAX)
 
@@ -187,6 +211,12 @@ class Asm:
     def and_(self, k: int) -> "Asm":
         return self.alu(AND, k)
 
+    def lsh(self, k: int) -> "Asm":
+        return self.alu(LSH, k)
+
+    def add_x(self) -> "Asm":
+        return self.alu(ADD, x=True)
+
     def xor_x(self) -> "Asm":
         return self.alu(XOR, x=True)
 
@@ -206,6 +236,10 @@ class Asm:
 
     def jset(self, k: int, jt: int | str = 0, jf: int | str = 0) -> "Asm":
         return self.emit(JMP | JSET | K, k, jt, jf)
+
+    def jgt_x(self, jt: int | str = 0, jf: int | str = 0) -> "Asm":
+        """Jump if A > X."""
+        return self.emit(JMP | JGT | X, 0, jt, jf)
 
     # -- return --------------------------------------------------------------
     def ret(self, k: int) -> "Asm":
@@ -311,9 +345,11 @@ def _ipv4_prologue(a: Asm, not_ip: str) -> None:
     a.jgt(0x4F, jt=not_ip)
 
 
-def _port_or_id(a: Asm, port_off: int, icmp_type: int, no_port: str, have: str) -> None:
-    """A = the 16-bit port at ``port_off`` of TCP/UDP, or the ICMP identifier
-    of ``icmp_type`` messages; jump to ``have``. Anything else: to ``no_port``.
+def _port_or_id(a: Asm, port_off: int, icmp_type: int, emb_off: int, no_port: str, have: str) -> None:
+    """A = the 16-bit port at ``port_off`` of TCP/UDP, the ICMP identifier of
+    ``icmp_type`` messages, or for an ICMP error the port at ``emb_off`` of the
+    packet it quotes (see :func:`_embedded_port`); jump to ``have``. Anything
+    else: to ``no_port``.
     """
     a.ld_net(6, H)  # flags + fragment offset
     a.jset(0x3FFF, jt=no_port)  # MF or offset != 0: a fragment
@@ -323,12 +359,69 @@ def _port_or_id(a: Asm, port_off: int, icmp_type: int, no_port: str, have: str) 
     a.jeq(IPPROTO_ICMP, jf=no_port)
     a.ldx_net_ihl()
     a.ld_net_ind(0, B)  # ICMP type
-    a.jeq(icmp_type, jf=no_port)
+    a.jeq(icmp_type, jt="echo")
+    a.jeq(11, jt="icmp_error")  # time exceeded
+    a.jeq(12, jt="icmp_error")  # parameter problem
+    a.jge(3, jf=no_port)  # 3..5: unreachable, source quench, redirect
+    a.jgt(5, jt=no_port)
+    a.label("icmp_error")
+    _embedded_port(a, emb_off, no_port, have)
+    a.label("echo")
     a.ld_net_ind(4, H)  # echo identifier
     a.jmp(have)
     a.label("l4")
     a.ldx_net_ihl()
     a.ld_net_ind(port_off, H)
+    a.jmp(have)
+
+
+def _embedded_port(a: Asm, emb_off: int, no_port: str, have: str) -> None:
+    """With X = the outer header length: A = the port at ``emb_off`` (0: source,
+    2: destination) of the TCP/UDP packet an ICMP error quotes, or the
+    identifier of a quoted echo/echo reply; jump to ``have``. A quote that is
+    not IPv4 (first byte 0x45..0x4F), of another protocol or type, or too short
+    for what is read, jumps to ``no_port``.
+
+    Every length is checked against ``skb->len`` *before* the load, so a short
+    quote takes the ``no_port`` path (an inside port still hashes the address)
+    instead of aborting the program with queue 0. Uses M[1] and M[2].
+    """
+    a.txa()
+    a.add(8)  # the quote starts after the 8-byte ICMP header
+    a.st(1)  # M[1] = e
+    a.add(20 + 4)  # the shortest useful quote: a 20-byte header and 4 L4 bytes
+    a.ldx_len()
+    a.jgt_x(jt=no_port)
+    a.ldx_mem(1)  # X = e
+    a.ld_net_ind(0, B)  # quoted version/IHL
+    a.jge(0x45, jf=no_port)
+    a.jgt(0x4F, jt=no_port)
+    a.and_(0xF)
+    a.lsh(2)
+    a.add_x()
+    a.st(2)  # M[2] = el4, the quoted L4 header
+    a.ld_net_ind(9, B)  # quoted protocol
+    a.jeq(IPPROTO_TCP, jt="e_ports")
+    a.jeq(IPPROTO_UDP, jt="e_ports")
+    a.jeq(IPPROTO_ICMP, jf=no_port)
+    a.ld_mem(2)
+    a.add(6)  # type .. identifier
+    a.ldx_len()
+    a.jgt_x(jt=no_port)
+    a.ldx_mem(2)
+    a.ld_net_ind(0, B)  # quoted ICMP type
+    a.jeq(ICMP_ECHOREPLY, jt="e_id")
+    a.jeq(ICMP_ECHO, jf=no_port)
+    a.label("e_id")
+    a.ld_net_ind(4, H)
+    a.jmp(have)
+    a.label("e_ports")
+    a.ld_mem(2)
+    a.add(4)  # both ports
+    a.ldx_len()
+    a.jgt_x(jt=no_port)
+    a.ldx_mem(2)
+    a.ld_net_ind(emb_off, H)
     a.jmp(have)
 
 
@@ -342,7 +435,7 @@ def inside_program(nq: int) -> Asm:
     a.ld_net(14, H)  # src_ip & 0xFFFF
     a.xor_x()
     a.st(0)  # M[0] = address half of the hash
-    _port_or_id(a, 0, ICMP_ECHO, no_port="hash_done", have="mix")
+    _port_or_id(a, 0, ICMP_ECHO, 2, no_port="hash_done", have="mix")
     a.label("mix")
     a.tax()  # X = sport
     a.ld_mem(0)
@@ -363,7 +456,7 @@ def outside_program(nq: int, port_lo: int = DEFAULT_PORT_LO, block: int | None =
     block = _check_steer_args(nq, port_lo, block)
     a = Asm()
     _ipv4_prologue(a, "queue0")
-    _port_or_id(a, 2, ICMP_ECHOREPLY, no_port="queue0", have="dport")
+    _port_or_id(a, 2, ICMP_ECHOREPLY, 0, no_port="queue0", have="dport")
     a.label("dport")  # A = dport
     a.jge(port_lo, jt="in_range")
     a.mod(nq)  # below the NAT range: dport % nq
@@ -435,6 +528,8 @@ def steering_queue(
                 want = ICMP_ECHO if mode == "inside" else ICMP_ECHOREPLY
                 if net[ihl] == want:
                     port = struct.unpack_from("!H", net, ihl + 4)[0]
+                elif net[ihl] in ICMP_ERRORS:
+                    port = _quoted_port(net, ihl + 8, "dst" if mode == "inside" else "src")
     except (IndexError, struct.error):
         return 0  # the kernel aborts a program that reads past the end: return value 0
     if mode == "inside":
@@ -442,3 +537,22 @@ def steering_queue(
     if port >= port_lo:
         return ((port - port_lo) // block) % nq
     return port % nq
+
+
+def _quoted_port(net: memoryview, e: int, which: str) -> int:
+    """The ``which`` ("src"/"dst") port of the TCP/UDP packet quoted at ``net[e:]`` by an
+    ICMP error, or the identifier of a quoted echo/echo reply; 0 when the quote is not
+    IPv4, of another protocol or type, or too short for the bytes read (never an abort)."""
+    n = len(net)
+    if n < e + 24 or not 0x45 <= net[e] <= 0x4F:
+        return 0
+    el4 = e + (net[e] & 0xF) * 4
+    if net[e + 9] in (IPPROTO_TCP, IPPROTO_UDP):
+        if n < el4 + 4:
+            return 0
+        return struct.unpack_from("!H", net, el4 + (0 if which == "src" else 2))[0]
+    if net[e + 9] == IPPROTO_ICMP:
+        if n < el4 + 6 or net[el4] not in (ICMP_ECHOREPLY, ICMP_ECHO):
+            return 0
+        return struct.unpack_from("!H", net, el4 + 4)[0]
+    return 0

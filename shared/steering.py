@@ -14,6 +14,14 @@ fanout cBPF program computes exactly the same thing:
   ``dport % nq``; ``dport`` is the TCP/UDP destination port or the ICMP
   echo-reply identifier, 0 for fragments, other protocols, other ICMP types and
   non-IPv4 (queue 0).
+* ICMP errors (types 3, 4, 5, 11, 12) are steered by the packet they quote
+  (starting 8 bytes into the ICMP message), so they reach the worker owning
+  its session: ``outside`` uses the quote's *source* port (the translated
+  port) as ``dport``, ``inside`` the quote's *destination* port as ``sport``;
+  a quoted echo/echo reply gives its identifier to both. The quote must be
+  IPv4 (first byte 0x45..0x4F), TCP/UDP with both ports inside the frame or
+  ICMP echo/echo reply with its identifier inside the frame; otherwise the
+  port is 0 (a short quote is *not* a short frame: no queue 0 for it).
 
 The NAT allocates a session's outside port (or ICMP identifier) from the
 block of the queue that saw the inside packet, ``[port_lo + q*block,
@@ -50,6 +58,7 @@ DEFAULT_PORT_LO = 1024
 ETHERTYPE_IPV4 = 0x0800
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
 ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
+ICMP_ERRORS = (3, 4, 5, 11, 12)  # unreachable, source quench, redirect, time exceeded, parameter problem
 RSS_TABLE_SIZE = 128
 
 # The 40-byte key most NICs ship with (the one in Microsoft's RSS verification suite).
@@ -72,7 +81,7 @@ def default_block(nqueues: int, port_lo: int = DEFAULT_PORT_LO) -> int:
 class _Fields:
     """What steering reads from a burst of frames, all as int64 arrays / bool masks."""
 
-    __slots__ = ("n", "length", "ipv4", "tcpudp", "icmp", "l4", "src_hi", "src_lo", "dst_hi", "dst_lo", "p0", "p1", "icmp_type", "icmp_id")
+    __slots__ = ("n", "frames", "length", "ipv4", "tcpudp", "icmp", "l4", "src_hi", "src_lo", "dst_hi", "dst_lo", "p0", "p1", "icmp_type", "icmp_id")
 
 
 def _parse(frames: np.ndarray, lengths: np.ndarray | None) -> _Fields:
@@ -81,6 +90,7 @@ def _parse(frames: np.ndarray, lengths: np.ndarray | None) -> _Fields:
     n, width = frames.shape
     f = _Fields()
     f.n = n
+    f.frames = frames
     if lengths is None:
         length = np.full(n, width, dtype=np.int64)
     else:
@@ -123,12 +133,59 @@ def _parse(frames: np.ndarray, lengths: np.ndarray | None) -> _Fields:
     return f
 
 
+_QUOTE_SPAN = 60 + 6  # bytes of a quote read: its header (IHL <= 15) and 6 L4 bytes
+
+
+def _quoted_port(f: _Fields, err: np.ndarray, off: int) -> np.ndarray:
+    """Per frame: for the ICMP errors in ``err`` (outer type readable), the port at ``off``
+    (0: source, 2: destination) of the quoted TCP/UDP packet or the quoted echo/echo-reply
+    identifier; 0 for every other frame and for quotes that are not IPv4 (first byte
+    0x45..0x4F), of another protocol or type, or too short for the bytes read.
+
+    Only the rows of ``err`` are parsed: one gather of a fixed window from the start
+    of each quote (at clipped columns; a byte is used only when the length check
+    shows it lies inside the frame), then small per-row picks from that window.
+    """
+    port = np.zeros(f.n, dtype=np.int64)
+    rows = np.flatnonzero(err)
+    if rows.size == 0:
+        return port
+    frames = f.frames
+    e = f.l4[rows] + 8  # the quote follows the 8-byte ICMP header
+    avail = f.length[rows] - e  # bytes of the quote inside the frame (may be negative)
+    cols = np.minimum(e[:, None] + np.arange(_QUOTE_SPAN), frames.shape[1] - 1)
+    win = frames[rows[:, None], cols].astype(np.int64)
+    k = np.arange(rows.size)
+    vihl = win[:, 0]
+    el4 = 4 * (vihl & 0xF)  # relative to the quote
+    eproto = win[:, 9]
+    etype = win[k, el4]
+    ports = (eproto == IPPROTO_TCP) | (eproto == IPPROTO_UDP)
+    echo = (eproto == IPPROTO_ICMP) & ((etype == ICMP_ECHO_REPLY) | (etype == ICMP_ECHO_REQUEST))
+    ok = (avail >= 24) & (vihl >= 0x45) & (vihl <= 0x4F)
+    ok &= (ports & (avail >= el4 + 4)) | (echo & (avail >= el4 + 6))
+    at = np.where(ports, el4 + off, el4 + 4)
+    port[rows] = np.where(ok, (win[k, at] << 8) | win[k, at + 1], 0)
+    return port
+
+
+def _icmp_errors(f: _Fields) -> np.ndarray | None:
+    """Unfragmented IPv4 ICMP errors whose type byte lies inside the frame (None: no ICMP at all)."""
+    if not f.icmp.any():
+        return None
+    t = f.icmp_type
+    return f.icmp & (f.length >= f.l4 + 1) & (((t >= 3) & (t <= 5)) | (t == 11) | (t == 12))
+
+
 def steer_inside(frames: np.ndarray, lengths: np.ndarray | None, nqueues: int) -> np.ndarray:
     """Queue index (int64) per frame for an inside port: source address and source port/echo-request id."""
     f = _parse(frames, lengths)
     L = f.length
     echo = f.icmp & (f.icmp_type == ICMP_ECHO_REQUEST)
     sport = np.where(f.tcpudp, f.p0, np.where(echo, f.icmp_id, 0))
+    err = _icmp_errors(f)
+    if err is not None and err.any():
+        sport = np.where(err, _quoted_port(f, err, 2), sport)  # the quote's destination port
     h = np.where(f.ipv4, f.src_hi ^ f.src_lo ^ sport, 0)
     short = (L < 14) | (f.ipv4 & (L < 30))
     short |= f.tcpudp & (L < f.l4 + 2)
@@ -147,6 +204,9 @@ def steer_outside(frames: np.ndarray, lengths: np.ndarray | None, nqueues: int, 
     L = f.length
     reply = f.icmp & (f.icmp_type == ICMP_ECHO_REPLY)
     dport = np.where(f.tcpudp, f.p1, np.where(reply, f.icmp_id, 0))
+    err = _icmp_errors(f)
+    if err is not None and err.any():
+        dport = np.where(err, _quoted_port(f, err, 0), dport)  # the quote's source port: the translated one
     q = np.where(dport >= port_lo, ((dport - port_lo) // block) % nqueues, dport % nqueues)
     short = (L < 14) | (f.ipv4 & (L < 24))
     short |= f.tcpudp & (L < f.l4 + 4)

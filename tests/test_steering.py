@@ -33,9 +33,26 @@ def _load(name: str):
 
 
 u = _load("_ports_util")
+interp = _load("_bpf_util")
 
 
 # -- a per-packet reference written straight from the contract's words --------------
+
+ICMP_ERRORS = (3, 4, 5, 11, 12)
+
+
+def ref_quoted(frame: bytes, l4: int, which: str) -> int:
+    """The port an ICMP error at ``frame[l4:]`` is steered by: the quoted packet (after the
+    8-byte ICMP header) must be IPv4 with IHL >= 5 and hold the L4 bytes read; else 0."""
+    q = frame[l4 + 8 :]
+    if len(q) < 20 or q[0] >> 4 != 4 or q[0] & 0xF < 5:
+        return 0
+    el4 = 4 * (q[0] & 0xF)
+    if q[9] in (6, 17) and len(q) >= el4 + 4:
+        return struct.unpack_from("!HH", q, el4)[0 if which == "src" else 1]
+    if q[9] == 1 and len(q) >= el4 + 6 and q[el4] in (0, 8):
+        return struct.unpack_from("!H", q, el4 + 4)[0]
+    return 0
 
 
 def ref_inside(frame: bytes, nq: int) -> int:
@@ -62,6 +79,8 @@ def ref_inside(frame: bytes, nq: int) -> int:
             if L < l4 + 6:
                 return 0
             sport = struct.unpack_from("!H", frame, l4 + 4)[0]
+        elif frame[l4] in ICMP_ERRORS:
+            sport = ref_quoted(frame, l4, "dst")
     h = (src & 0xFFFF) ^ (src >> 16) ^ sport
     return h % nq
 
@@ -87,6 +106,8 @@ def ref_outside(frame: bytes, nq: int, port_lo: int, block: int) -> int:
             if L < l4 + 6:
                 return 0
             dport = struct.unpack_from("!H", frame, l4 + 4)[0]
+        elif frame[l4] in ICMP_ERRORS:
+            dport = ref_quoted(frame, l4, "src")
     return ((dport - port_lo) // block) % nq if dport >= port_lo else dport % nq
 
 
@@ -96,9 +117,36 @@ ips = st.integers(0, 2**32 - 1)
 ports = st.integers(0, 65535)
 
 
+def icmp_error(icmp_type: int, quote: bytes, code: int = 3) -> bytes:
+    return struct.pack("!BBHI", icmp_type, code, 0, 0) + quote
+
+
+@st.composite
+def quotes_st(draw):
+    """The packet an ICMP error quotes: any protocol, any IHL byte, cut anywhere (or garbage)."""
+    kind = draw(st.sampled_from(["udp", "tcp", "echo", "icmp", "other", "junk"]))
+    if kind == "junk":
+        return draw(st.binary(max_size=40))
+    src, dst = draw(ips), draw(ips)
+    ihl = draw(st.sampled_from([5, 5, 5, 6, 15, 4]))
+    if kind == "udp":
+        q = u.ipv4_frame(src, dst, 17, u.udp(draw(ports), draw(ports)), ihl=ihl)
+    elif kind == "tcp":
+        q = u.ipv4_frame(src, dst, 6, u.tcp(draw(ports), draw(ports)), ihl=ihl)
+    elif kind in ("echo", "icmp"):
+        t = draw(st.sampled_from([0, 8])) if kind == "echo" else draw(st.integers(0, 255))
+        q = u.ipv4_frame(src, dst, 1, u.icmp_echo(t, draw(ports)), ihl=ihl)
+    else:
+        q = u.ipv4_frame(src, dst, draw(st.integers(0, 255)), b"\x00" * 8, ihl=ihl)
+    q = q[14:]
+    if draw(st.booleans()):
+        q = bytes([draw(st.integers(0, 255))]) + q[1:]  # any version/IHL byte
+    return q[: draw(st.integers(0, len(q)))] if draw(st.booleans()) else q
+
+
 @st.composite
 def frames_st(draw):
-    kind = draw(st.sampled_from(["udp", "tcp", "icmp", "other", "arp", "frag"]))
+    kind = draw(st.sampled_from(["udp", "tcp", "icmp", "other", "arp", "frag", "icmp_error", "icmp_error"]))
     src, dst = draw(ips), draw(ips)
     ihl = draw(st.sampled_from([5, 5, 5, 6, 15, 4]))
     if kind == "udp":
@@ -109,6 +157,10 @@ def frames_st(draw):
         f = u.ipv4_frame(src, dst, 1, u.icmp_echo(draw(st.sampled_from([0, 8, 3, 11])), draw(ports)), ihl=ihl)
     elif kind == "other":
         f = u.ipv4_frame(src, dst, 47, b"\x00" * 8, ihl=ihl)
+    elif kind == "icmp_error":
+        t = draw(st.sampled_from([*ICMP_ERRORS, 0, 8, 13, 2, 6]))
+        frag = draw(st.sampled_from([0, 0, 0, 0x4000, 0x2000, 1]))
+        f = u.ipv4_frame(src, dst, 1, icmp_error(t, draw(quotes_st())), ihl=ihl, frag=frag)
     elif kind == "frag":
         f = u.ipv4_frame(src, dst, 17, u.udp(draw(ports), draw(ports)), frag=draw(st.sampled_from([0x2000, 0x0001, 0x2010, 0x4000])), ihl=ihl)
     else:
@@ -131,8 +183,12 @@ def test_vectorized_functions_match_the_cbpf_reference(frames, nq, port_lo, bloc
     """The numpy functions and the fanout program's reference (shared/bpf.py) agree frame for frame."""
     bpf = pytest.importorskip("hotplane.shared.bpf")
     arr, lengths = u.to_array([f if f else b"" for f in frames], width=max(1, max(len(f) for f in frames)))
-    assert steer_inside(arr, lengths, nq).tolist() == [bpf.steering_queue(f, "inside", nq) for f in frames]
-    assert steer_outside(arr, lengths, nq, port_lo, block).tolist() == [bpf.steering_queue(f, "outside", nq, port_lo, block) for f in frames]
+    got_in, got_out = steer_inside(arr, lengths, nq).tolist(), steer_outside(arr, lengths, nq, port_lo, block).tolist()
+    assert got_in == [bpf.steering_queue(f, "inside", nq) for f in frames]
+    assert got_out == [bpf.steering_queue(f, "outside", nq, port_lo, block) for f in frames]
+    # and the fanout programs themselves, run by the cBPF interpreter
+    assert got_in == [interp.run(bpf.inside_program(nq), f) for f in frames]
+    assert got_out == [interp.run(bpf.outside_program(nq, port_lo, block), f) for f in frames]
 
 
 @settings(max_examples=300, deadline=None)
@@ -156,6 +212,75 @@ def test_both_directions_of_a_session_land_on_one_queue(nq, inside_ip, sport, re
         back = u.ipv4_frame(remote_ip, 0xC6120001, 17 if proto == "udp" else 6, l4)
     arr, ln = u.to_array([back])
     assert int(steer(arr, ln)[0]) == q
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 64), ips, ports, ips, ports, st.data(), st.sampled_from(["udp", "tcp", "icmp"]),
+       st.sampled_from(ICMP_ERRORS), st.sampled_from([5, 6, 15]), st.sampled_from([8, 28, 500]))
+def test_icmp_errors_reach_the_queue_of_their_session(nq, inside_ip, sport, remote_ip, rport, data, proto, etype, eihl, keep):
+    """An ICMP error about a translated packet, from either side, steers to the session's queue
+    (the quote keeps ``keep`` bytes of L4 at least: RFC 792 guarantees 8)."""
+    pool = 0xC6120001
+    steer = Steering("outside", nq)
+    pnum = {"udp": 17, "tcp": 6, "icmp": 1}[proto]
+
+    def l4(a: int, b: int, echo_type: int) -> bytes:
+        return u.icmp_echo(echo_type, a) if proto == "icmp" else (u.udp(a, b) if proto == "udp" else u.tcp(a, b))
+
+    out = u.ipv4_frame(inside_ip, remote_ip, pnum, l4(sport, rport, 8))
+    q = int(steer_inside(*u.to_array([out]), nq)[0])
+    nat_port = data.draw(st.integers(steer.port_block(q).start, steer.port_block(q).stop - 1))
+    # outside: the remote (or a router on the way) quotes what the NAT sent: pool:nat_port -> remote
+    sent = u.ipv4_frame(pool, remote_ip, pnum, l4(nat_port, rport, 8), ihl=eihl)[14:]
+    sent = sent[: 4 * eihl + keep]
+    reporter = data.draw(ips)
+    err_out = u.ipv4_frame(reporter, pool, 1, icmp_error(etype, sent))
+    # inside: the inside host quotes what it received: remote -> inside_ip:sport
+    got = u.ipv4_frame(remote_ip, inside_ip, pnum, l4(sport, rport, 0) if proto == "icmp" else l4(rport, sport, 0), ihl=eihl)[14:]
+    got = got[: 4 * eihl + keep]
+    err_in = u.ipv4_frame(inside_ip, remote_ip, 1, icmp_error(etype, got))
+    assert int(steer(*u.to_array([err_out]))[0]) == q
+    assert int(steer_inside(*u.to_array([err_in]), nq)[0]) == q
+    bpf = pytest.importorskip("hotplane.shared.bpf")
+    assert bpf.steering_queue(err_out, "outside", nq) == interp.run(bpf.outside_program(nq), err_out) == q
+    assert bpf.steering_queue(err_in, "inside", nq) == interp.run(bpf.inside_program(nq), err_in) == q
+
+
+def test_icmp_error_quotes_that_fall_back_to_port_zero():
+    """Truncated or unsupported quotes steer as port 0: queue 0 outside, the address hash inside."""
+    nq, src = 7, 0x0A000106
+    addr = (0x0A00 ^ 0x0106) % nq
+    assert addr != 0
+    udp = u.ipv4_frame(0xC6120001, 0x05060708, 17, u.udp(40000, 53))[14:]  # 28 bytes
+    echo = u.ipv4_frame(0xC6120001, 0x05060708, 1, u.icmp_echo(8, 40000))[14:]
+    opts = u.ipv4_frame(0xC6120001, 0x05060708, 17, u.udp(40000, 53), ihl=15)[14:]
+    cases = {
+        "no quote": b"",
+        "quote header cut": udp[:19],
+        "ports cut": udp[:23],
+        "options eat the ports": opts[:60 + 3],
+        "echo id cut": echo[:25],
+        "timestamp": echo[:20] + bytes([13]) + echo[21:],
+        "gre": udp[:9] + bytes([47]) + udp[10:],
+        "ipv6 quote": bytes([0x60]) + udp[1:],
+        "IHL 4": bytes([0x44]) + udp[1:],
+    }
+    for what, quote in cases.items():
+        f = u.ipv4_frame(src, 0x05060708, 1, icmp_error(3, quote))
+        arr, ln = u.to_array([f])
+        assert steer_outside(arr, ln, nq).tolist() == [0], what
+        assert steer_inside(arr, ln, nq).tolist() == [addr], what
+    # the whole quote, for contrast: steered by the ports (no wider array than the frame needed)
+    f = u.ipv4_frame(src, 0x05060708, 1, icmp_error(3, udp))
+    arr, ln = u.to_array([f])
+    assert steer_inside(arr, ln, nq).tolist() == [(0x0A00 ^ 0x0106 ^ 53) % nq]
+    assert steer_outside(arr, ln, nq, 0, 1).tolist() == [40000 % nq]
+    assert steer_outside(arr, ln, nq, 1024, 100).tolist() == [((40000 - 1024) // 100) % nq]
+    # a fragment of an ICMP error, or a too-short ICMP header, is steered as before
+    frag = u.ipv4_frame(src, 0x05060708, 1, icmp_error(3, udp), frag=0x2000)
+    arr, ln = u.to_array([frag, f[:34]])
+    assert steer_outside(arr, ln, nq).tolist() == [0, 0]
+    assert steer_inside(arr, ln, nq).tolist() == [addr, 0]
 
 
 def test_default_block_and_port_blocks_tile_the_range():
