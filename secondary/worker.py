@@ -59,6 +59,10 @@ from hotplane.shared.ready import report_ready
 
 EXIT_FENCED = 3  # another process owns our queue now: exit without touching it
 
+
+class _Fenced(Exception):
+    """Raised inside a pass when the ownership word changed under us."""
+
 IDLE_SLEEP_MIN = 20e-6
 IDLE_SLEEP_MAX = 1e-3
 TICK_INTERVAL = 0.01
@@ -381,6 +385,10 @@ class Worker:
         p = self.pipeline
         c = self.counters
         for direction, rxq, otherq in ((0, self.inq, self.outq), (1, self.outq, self.inq)):
+            # Re-check ownership right before touching a queue: a worker SIGSTOPped inside
+            # this loop and resumed after being fenced must not finish its pass.
+            if self.fenced():
+                raise _Fenced()
             b = rx_burst(rxq, max_burst)
             n = b.n
             if n == 0:
@@ -395,6 +403,8 @@ class Worker:
                     if cnt:
                         c.count_drop(int(reason), cnt)
             to_other, to_same = p.process(direction, frames, lengths, b.valid)
+            if self.fenced():
+                raise _Fenced()  # the burst stays unreleased: the successor processes it
             sent_bytes = 0
             sent = 0
             if to_other.size:
@@ -443,7 +453,11 @@ class Worker:
             if self.fenced():
                 print(f"worker {self.id}: queue ownership taken by another process: stopping without touching the queues", file=sys.stderr)
                 return EXIT_FENCED
-            n = self.poll_once(max_burst)
+            try:
+                n = self.poll_once(max_burst)
+            except _Fenced:
+                print(f"worker {self.id}: queue ownership taken by another process mid-pass: stopping without touching the queues", file=sys.stderr)
+                return EXIT_FENCED
             now_ns = time.monotonic_ns()
             self.last_pass_ns = now_ns
             if self.first_burst_due:
