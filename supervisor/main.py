@@ -128,6 +128,10 @@ def default_log_dir(prefix: str) -> Path:
     return runtime_dir(prefix) / "logs"
 
 
+#: How long a fenced (hung) worker may stay before it is SIGKILLed.
+FENCED_GRACE_S = 60.0
+
+
 class _Notifier(Notifier):
     """sd_notify from an event loop must never block: a full notify socket queue (a slow or
     stopped reader) drops the datagram (counted in ``errors``) instead of stalling the loop."""
@@ -627,7 +631,59 @@ class Supervisor:
                     continue
                 age = "never" if not hb else f"{(now_ns - hb) / 1e9:.1f}s ago"
                 self.say(f"{p.name}: pid {p.machine.pid} last heartbeat {age} (limit {misses} x {interval:g}s): it hangs", "error")
-                self.feed(p, HeartbeatMissed())
+                if not self._fence_hung(p):
+                    self.feed(p, HeartbeatMissed())
+
+    def _fence_hung(self, p: Program) -> bool:
+        """Fence a hung worker by generation and start its replacement now (DESIGN invariant 1).
+
+        Its queues' ownership words get a new generation with no owner, and the
+        writer role of its session tables is cleared: the replacement claims both
+        at once, while the hung process is still stopped. If it ever resumes it
+        sees the word changed and exits without touching the queues. It is
+        SIGKILLed after a grace period in case it is stuck in a loop instead.
+        Returns False when nothing was fenced (the normal stop path applies).
+        """
+        from hotplane.schema.port import QUEUE_STATE, W_OWNER, pack_owner, unpack_owner
+        from hotplane.shared.burst import QueueState
+
+        pid, wid = p.machine.pid, p.worker_id
+        if self.inst is None or pid is None or wid is None:
+            return False
+        fenced = 0
+        for z in self.inst.directory.list():
+            try:
+                if z.schema_id == QUEUE_STATE.schema_id:
+                    qs = QueueState.attach(z.view)
+                    if wid < qs.nqueues:
+                        w = qs.words[wid]
+                        opid, gen = unpack_owner(int(w[W_OWNER]))
+                        if opid == pid:
+                            w[W_OWNER] = pack_owner(0, (gen + 1) & 0xFFFFFFFF)
+                            fenced += 1
+                elif z.name.startswith(f"nat.w{wid}."):
+                    lay = z.layout
+                    if lay.header is not None and "writer_pid" in lay.header.names:
+                        h = z.header(lay)
+                        if int(h[0]["writer_pid"]) == pid:
+                            h[0]["writer_pid"] = 0
+            except Exception as e:  # a zone this build cannot read: fall back to stopping the worker
+                self.say(f"{p.name}: cannot fence via zone {z.name}: {e}", "warning")
+                return False
+        if not fenced:
+            return False
+        child = p.child
+        self.say(f"{p.name}: fenced hung pid {pid} ({fenced} queue(s), new generation); starting its replacement now", "warning")
+        if child is not None:
+            def reap_or_kill() -> None:
+                if getattr(child, "exit", None) is None:
+                    try:
+                        child.send_signal(signal.SIGKILL)
+                    except (ProcessLookupError, OSError):
+                        pass
+            self.loop.call_later(FENCED_GRACE_S, reap_or_kill)
+        self.feed(p, Exited(None, None, pid=pid))
+        return True
 
     # ------------------------------------------------------------------ views
 

@@ -104,9 +104,6 @@ def test_a_stopped_worker_is_found_by_missed_heartbeats_and_replaced(tree) -> No
         mem.close()
 
 
-@pytest.mark.xfail(strict=True, reason="supervisor/main.py stops (SIGTERM, SIGKILL after --stop-wait) a hung worker and starts the "
-                                       "replacement only once it is dead; issue 7 wants it fenced by the ownership generation and "
-                                       "replaced while still stopped (change described in the chaos report)")
 @pytest.mark.timeout(120)
 def test_a_stopped_worker_is_fenced_and_replaced_while_still_stopped(tree) -> None:
     from hotplane.schema.port import W_OWNER, unpack_owner
