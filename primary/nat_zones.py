@@ -1,7 +1,10 @@
 """The NAT's memzones: reserved by the primary at start, attached by each worker.
 
-Per worker ``i``: ``nat.w<i>.in2out`` and ``nat.w<i>.out2in`` (session tables,
-schema id 4), ``nat.w<i>.pool`` (port allocator + expiry cursor, schema id 8).
+Per worker ``i``: ``nat.w<i>.in2out`` (session table, schema id 4: the sessions,
+what readers in other processes read, with its seqlock), ``nat.w<i>.index``
+(session index, schema id 11: 8-byte hints into ``in2out`` for the reply
+direction and the mappings), ``nat.w<i>.pool`` (port allocator + expiry
+cursor, schema id 8). Their size comes from ``[nat] max_sessions``.
 Shared: ``nat.lpm`` (routes + neighbour mirror, schema id 9), written by the
 primary (routes) and by the ARP-receiving worker (mirror).
 
@@ -16,16 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from hotplane.schema.nat import LPM_HEADER, NAT_LPM, NAT_PORT_POOL, NEIGH_ENTRY, NEIGH_SLOTS
+from hotplane.schema.nat import LPM_HEADER, NAT_LPM, NAT_PORT_POOL, NEIGH_ENTRY, NEIGH_SLOTS, SESSION_INDEX
 from hotplane.schema.registry import stamp, verify
 from hotplane.schema.session import LAYOUT as SESSION_LAYOUT
 from hotplane.shared.nat_clock import Clock, MonotonicClock
 from hotplane.shared.nat_config import GatewayConfig
 from hotplane.shared.nat_lpm import Lpm
 from hotplane.shared.nat_pool import PortAllocator
+from hotplane.shared.session_index import SessionIndex
 from hotplane.shared.session_table import SessionTable
 
-#: Entries per session table per worker (the config has no ``[nat] max_sessions`` key yet).
+#: Entries per session table per worker without ``[nat] max_sessions``.
 TABLE_CAPACITY = 1 << 18
 HOST_CAPACITY = 4096
 TBL8_GROUPS = 64
@@ -44,22 +48,34 @@ def _lpm_sizes() -> tuple[int, int, int]:
     return lpm_off, lpm_bytes, total
 
 
-def reserve_nat_zones(directory, config: GatewayConfig, workers: int, *, table_capacity: int = TABLE_CAPACITY,
+def reserve_nat_zones(directory, config: GatewayConfig, workers: int, *, table_capacity: int | None = None,
                       clock: Clock | None = None) -> dict[str, Any]:
-    """Reserve (or re-attach) every NAT zone; returns ``{name: created}`` plus figures."""
-    from hotplane.secondary.nat_pipeline import fill_lpm
+    """Reserve (or re-attach) every NAT zone; returns ``{name: created}`` plus figures.
+
+    ``table_capacity`` (``in2out`` entries per worker) defaults to what ``[nat]
+    max_sessions`` needs (:func:`hotplane.secondary.nat_pipeline.table_capacity_for`).
+    """
+    from hotplane.secondary.nat_pipeline import KEY_FORMAT, fill_lpm, index_capacity_for, table_capacity_for
 
     clock = clock or MonotonicClock()
+    if table_capacity is None:
+        table_capacity = table_capacity_for(config, workers)
+    icap = index_capacity_for(table_capacity)
     out: dict[str, Any] = {}
     for w in range(workers):
-        for d in ("in2out", "out2in"):
-            name = f"nat.w{w}.{d}"
-            z, created = directory.reserve_or_lookup(name, SessionTable.zone_size(table_capacity), SESSION_LAYOUT)
-            if created:
-                t = SessionTable.create(z.view[: SessionTable.zone_size(table_capacity)], table_capacity,
-                                        seed=0x9E37 * (2 * w + (d == "out2in")) + 1)
-                t.release()  # the worker becomes the writer
-            out[name] = created
+        name = f"nat.w{w}.in2out"
+        z, created = directory.reserve_or_lookup(name, SessionTable.zone_size(table_capacity), SESSION_LAYOUT)
+        if created:
+            t = SessionTable.create(z.view[: SessionTable.zone_size(table_capacity)], table_capacity,
+                                    seed=0x9E37 * (2 * w) + 1)
+            t.release()  # the worker becomes the writer
+        out[name] = created
+        name = f"nat.w{w}.index"
+        z, created = directory.reserve_or_lookup(name, SessionIndex.zone_size(icap), SESSION_INDEX)
+        if created:
+            SessionIndex.create(z.view[: SessionIndex.zone_size(icap)], icap, seed=0x9E37 * (2 * w + 1) + 1,
+                                key_format=KEY_FORMAT)
+        out[name] = created
         pb = _pool_bytes(config)
         name = f"nat.w{w}.pool"
         z, created = directory.reserve_or_lookup(name, NAT_PORT_POOL.zone_size(pb), NAT_PORT_POOL)
@@ -93,13 +109,20 @@ def attach_nat_zones(directory, worker: int, config: GatewayConfig | None = None
     """A worker's view: its session tables (as writer, after recovery), allocator, FIB.
 
     Returns the ``zones`` dict :class:`hotplane.secondary.nat_pipeline.NatPipeline` takes,
-    plus ``peer_out2in`` (readers of the other workers' out2in tables, for hairpinning).
+    plus ``peers``: read-only (index, in2out) of the other workers, for hairpinning. The
+    pipeline rebuilds the index if its last writer died inside a group of changes.
     """
     clock = clock or MonotonicClock()
     zones: dict[str, Any] = {}
-    for d in ("in2out", "out2in"):
-        z = directory.lookup_checked(f"nat.w{worker}.{d}", SESSION_LAYOUT)
-        zones[d] = SessionTable.attach(z.view, writer=True)
+    z = directory.lookup_checked(f"nat.w{worker}.in2out", SESSION_LAYOUT)
+    zones["in2out"] = SessionTable.attach(z.view, writer=True)
+    z = directory.lookup(f"nat.w{worker}.index")
+    if z is None:
+        raise RuntimeError(f"memzone nat.w{worker}.index is missing: these zones were made by a NAT version without "
+                           "the session index (out2in tables); start the primary with fresh memory")
+    z = directory.lookup_checked(f"nat.w{worker}.index", SESSION_INDEX)
+    # The index follows the table: an upgrade candidate (table attached read-only) reads it too.
+    zones["index"] = SessionIndex.attach(z.view, writer=zones["in2out"].is_writer)
     z = directory.lookup_checked(f"nat.w{worker}.pool", NAT_PORT_POOL)
     hdr = z.header(NAT_PORT_POOL)
     verify(hdr, NAT_PORT_POOL, what=f"memzone nat.w{worker}.pool")
@@ -116,19 +139,20 @@ def attach_nat_zones(directory, worker: int, config: GatewayConfig | None = None
     peers = {}
     w = 0
     while True:
-        pz = directory.lookup(f"nat.w{w}.out2in")
-        if pz is None:
+        tz = directory.lookup(f"nat.w{w}.in2out")
+        iz = directory.lookup(f"nat.w{w}.index")
+        if tz is None or iz is None:
             break
         if w != worker:
-            peers[w] = SessionTable.attach(pz.view)
+            peers[w] = (SessionIndex.attach(iz.view), SessionTable.attach(tz.view))
         w += 1
-    zones["peer_out2in"] = peers
+    zones["peers"] = peers
     return zones
 
 
-def memory_per_session(table_load: float = 0.7) -> dict[str, float]:
-    """Bytes of shared memory per session from the layouts (two 64-byte entries, at most ``table_load`` full)."""
-    entry = SESSION_LAYOUT.element.itemsize
-    per = 2 * entry / table_load
-    return {"entry_bytes": entry, "entries_per_session": 2, "bytes_per_session": per,
-            "sessions_in_1GiB": int((1 << 30) / per)}
+def memory_per_session(table_capacity: int = TABLE_CAPACITY) -> dict[str, float]:
+    """Shared bytes per session of one worker's session zones (``in2out`` + index) at the most sessions
+    they admit; see :func:`hotplane.secondary.nat_pipeline.memory_per_session`."""
+    from hotplane.secondary.nat_pipeline import memory_per_session as mps
+
+    return mps(table_capacity)

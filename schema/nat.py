@@ -1,4 +1,4 @@
-"""Layouts of the NAT's own shared state: the port allocator (schema id 8) and the FIB (schema id 9).
+"""Layouts of the NAT's own shared state: the port allocator (id 8), the FIB (id 9), the session index (id 11).
 
 ``nat_port_pool`` (id 8, zone ``nat.w<i>.pool``): one worker's outside port
 allocator (:class:`hotplane.shared.nat_pool.PortAllocator`, whose buffer has
@@ -21,6 +21,15 @@ queue 0), published so the other workers can resolve next hops they asked for::
                    (side, ip); single writer, per-entry seqlock)
 
 Both zones carry ``uint8`` elements: ``Layout.zone_size(nbytes)`` sizes them.
+
+``session_index`` (id 11, zone ``nat.w<i>.index``, one per worker): 8-byte
+hints (32-bit key fingerprint | 32-bit slot) into the worker's ``in2out``
+session table, for the reply direction and the endpoint-independent mappings
+(see :mod:`hotplane.shared.session_index`, which also documents the header)::
+
+    header (64 B): schema prefix | capacity u8 | seed u8 | count u8 | tombstones u8
+                   | max_probe u4 | key_format u4 | wseq u8 | rebuilds u8 | writer_pid u4 | pad
+    body:          uint64[capacity + max_probe]
 """
 
 from __future__ import annotations
@@ -70,4 +79,25 @@ NEIGH_SLOTS = 4096
 NAT_LPM = register(
     Layout("nat_lpm", 9, 1, header=LPM_HEADER, element=np.dtype(np.uint8),
            doc="NAT FIB: DIR-24-8 route table (Lpm buffer) and the neighbour mirror")
+)
+
+INDEX_HEADER = header_dtype(
+    [
+        ("capacity", "<u8"),  # home positions (any count); the body has capacity + max_probe entries
+        ("seed", "<u8"),
+        ("count", "<u8"),  # USED entries
+        ("tombstones", "<u8"),
+        ("max_probe", "<u4"),
+        ("key_format", "<u4"),  # version of the NAT's key packing (secondary/nat_pipeline.KEY_FORMAT)
+        ("wseq", "<u8"),  # odd while a group of changes spanning in2out and this index is in progress
+        ("rebuilds", "<u8"),  # times the index was rebuilt from the session table
+        ("writer_pid", "<u4"),
+        ("_pad", "u1", (4,)),
+    ]
+)
+assert INDEX_HEADER.itemsize == 80
+
+SESSION_INDEX = register(
+    Layout("session_index", 11, 1, header=INDEX_HEADER, element=np.dtype("<u8"),
+           doc="NAT session index: 8-byte (fingerprint, in2out slot) hints, two-choice bounded linear probing")
 )

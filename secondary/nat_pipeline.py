@@ -1,40 +1,72 @@
 """The NAT44 pipeline a worker runs (docs/CONTRACTS.md "The pipeline a worker runs").
 
-Fast path (numpy over the burst, no per-packet Python): parse, pick the rows a
-session can serve (TCP/UDP/ICMP query, TTL > 1, not addressed to the gateway
-or to a pool address from the inside), build the 128-bit keys, one batch
-lookup in this worker's ``in2out`` (inside -> outside) or ``out2in`` table, then
-for the hits: route (LPM), resolve the next hop (neighbour table), source or
-destination NAT with incremental checksums, TTL decrement, MAC rewrite, TCP
-state machine and one journaled update of the sessions (last seen, counters).
+Fast path (numpy over the burst, no per-packet Python), for the common frame
+-- untagged IPv4, IHL 5, not a fragment, TTL > 1, TCP/UDP/ICMP query with a
+whole L4 header, intact header checksum -- read straight from fixed columns
+of the burst (:meth:`NatPipeline._fast`): keys, one batch lookup (``in2out``
+session table from the inside, the session index from the outside, confirmed
+against the session's entry), route (LPM) and next hop (neighbour table), then
+one fused rewrite per packet: address, port, both checksums (RFC 1624 eqn. 3
+over address + port + TTL in one step) and MACs. Session accounting (packets,
+bytes, last seen) is logged per burst and written to the sessions in batches
+(:meth:`flush`): when the clock's second changes (checked per burst and at
+``tick``), every ``ACCT_FLUSH`` packets, and before the expiry sweep removes a
+session. A session is thus written at most once per flush however many
+packets it had; a killed worker loses at most the last second's counters and
+refreshes, never a session. TCP state changes are written at once.
 
-Slow path (plain Python per missed row, then back into the vectorized
-translation): ARP, ICMP echo to the gateway, ICMP errors (RFC 5508: embedded
-header reverted, every checksum fixed; never refreshes a session), TTL expiry
-(ICMP time exceeded), fragments (virtual reassembly), hairpinning, static
-mappings, filtering, limits, allocation and publication of new sessions.
+Every other row -- a miss, a frame with IP options or a VLAN tag, anything
+odd or invalid -- goes through the general path: the full parser
+(:func:`hotplane.shared.packet.parse_burst`, every bad-input check), the same
+lookups, and the slow path (plain Python per row): ARP, ICMP echo to the
+gateway, ICMP errors (RFC 5508: embedded header reverted, every checksum
+fixed; never refreshes a session), TTL expiry (ICMP time exceeded), fragments
+(virtual reassembly), hairpinning, static mappings, filtering, limits,
+allocation. New sessions of one burst are published together (one batch
+insert into ``in2out``, one into the index: :meth:`_flush_new`). Within a
+burst, packets of one session that take different paths have their TCP state
+applied fast path first.
 
-Session model (both tables are :class:`SessionTable` v1 in this worker's zones;
-this worker is their only writer, DESIGN invariant 2)::
+Session model (this worker is the only writer of both structures, DESIGN invariant 2)::
 
-    in2out  key (iaddr, raddr, proto, iport, rport)   -> xaddr, xport, tcp_state, times, counters
-    out2in  key (raddr, xaddr, proto, rport, xport)   -> xaddr:=iaddr, xport:=iport, packets:=in2out slot
-    in2out  MAP key (iaddr, proto, iport)             -> xaddr, xport, packets:=sessions using it
-    out2in  MAP key (xaddr, proto, xport)             -> iaddr, iport
-    out2in  ADDR key (raddr, xaddr, proto, xport)     -> packets:=sessions (address-dependent filtering)
+    in2out (SessionTable v1, 64 B entries, the session's state; what readers in other processes read)
+        SESSION key (iaddr, raddr, proto, iport, rport) -> xaddr, xport, tcp_state, times, counters
+        MAP     key (iaddr, proto, iport)   -> xaddr, xport, packets:=sessions using it  [shared mappings only]
+        ADDR    key (raddr, xaddr, proto, xport) -> packets:=sessions   [address-dependent filtering only]
+    index (SessionIndex, schema id 11, 8 B hints: fingerprint | in2out slot, confirmed against the entry)
+        O2I  (raddr, xaddr, proto, rport, xport) -> the session's slot
+        FWD  (iaddr, proto, iport)  -> the mapping's holder: its only session, or its MAP entry
+        REV  (xaddr, proto, xport)  -> the same holder
 
 (raddr/rport: the remote endpoint; for ICMP queries every port is the
-identifier.) The session's state, timers and counters live in its in2out
-entry only; an out2in hit reaches it through the slot index its out2in entry
-holds. MAP entries give endpoint-independent mapping (RFC 4787 REQ-1): a new
-session of an inside address:port reuses its mapping whatever the
-destination; the mapping lives as long as one session uses it, and its port
-then goes back to the allocator's 120 s hold. Entries never move, so the
-slot index stays valid until both entries of the session are deleted together.
+identifier.) A mapping used by one session lives in that session's entry
+(its key has iaddr/iport, its value xaddr/xport) and needs no entry of its
+own; the second session of a mapping creates its MAP entry (reference count)
+and the FWD/REV hints move to it. The mapping lives as long as one session
+uses it; its port then goes back to the allocator's 120 s hold.
 
-Key packing (two uint64 words, the same formula for every kind)::
+Readers in other processes (stats, CLI, another worker hairpinning, an
+upgrade candidate) read ``in2out`` only through the session table's seqlock
+(``read_consistent`` / ``lookup_consistent``); the index is a hint they may
+use to find a slot, never a source of data: every hint is confirmed against
+the seqlocked entry it points to (an 8-byte hint is written by one store, so
+it is never torn), and an outdated or colliding hint reads as a miss. Crash safety: ``in2out`` keeps its redo
+journal; changes spanning both structures run inside the index's ``wseq``
+group (entries before hints on insert, hints before entries on delete), and a
+worker finding ``wseq`` odd at start rebuilds the index from ``in2out``
+(:meth:`NatPipeline.rebuild_index`).
 
-    k0 = a << 32 | b          k1 = tag << 48 | proto << 32 | pa << 16 | pb
+Memory per session (one mapping per session, the usual client case): one
+64-byte entry at most ``MAX_LOAD`` (0.8) full plus three 8-byte hints at most
+``INDEX_LOAD`` (0.9) full: 64/0.8 + 24/0.9 = 106.7 bytes (:func:`memory_per_session`).
+
+Key packing of ``in2out`` (KEY_FORMAT 2; recorded in the index header)::
+
+    k1 = tag << 48 | proto << 32 | pa << 16 | pb      k0 = (a << 32 | b) ^ (k1 * KMIX mod 2**64)
+
+The xor spreads the port entropy into ``k0``, the word the session table's
+first probe block compares, so sessions between one pair of hosts do not all
+share a ``k0``.
 
 Clock: ``clock.now()`` (whole seconds, :mod:`hotplane.shared.nat_clock`) stamps
 sessions and drives expiry; ``tick(now)`` ignores its argument's value except
@@ -43,7 +75,7 @@ as "time passed" so tests control time with a ManualClock.
 
 from __future__ import annotations
 
-import struct
+import os
 from typing import Any
 
 import numpy as np
@@ -54,7 +86,7 @@ from hotplane.shared import nat_tcp
 from hotplane.shared.checksum import internet_checksum
 from hotplane.shared.nat_clock import Clock, MonotonicClock
 from hotplane.shared.nat_config import Filtering, GatewayConfig
-from hotplane.shared.nat_expiry import ExpirySweeper
+from hotplane.shared.nat_expiry import ExpirySweeper, expired_mask
 from hotplane.shared.nat_frag import FragmentTracker, Verdict
 from hotplane.shared.nat_lpm import MISS, Lpm, NextHop, NextHops
 from hotplane.shared.nat_neighbour import (
@@ -70,7 +102,6 @@ from hotplane.shared.nat_neighbour import (
 from hotplane.shared.nat_pool import AllocStatus, PortAllocator
 from hotplane.shared.packet import (
     ETHERTYPE_ARP,
-    ETHERTYPE_IPV4,
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -90,17 +121,26 @@ from hotplane.shared.packet import (
     rewrite_macs,
     snat,
 )
-from hotplane.shared.session_table import SessionTable
+from hotplane.shared.session_index import SessionIndex
+from hotplane.shared.session_table import SessionTable, mix_hash
 
 INSIDE, OUTSIDE = 0, 1
 TAG_SESSION, TAG_MAP, TAG_ADDR = 0, 1, 2
+TAG_FWD, TAG_REV = 3, 4  # index-only keys
 FLAG_SESSION, FLAG_MAP, FLAG_ADDR, FLAG_STATIC = 0, 1, 2, 4
+KEY_FORMAT = 2
+KMIX = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
 
-#: Table capacity per worker and direction when nothing else is said (``[nat]`` has no
-#: ``max_sessions`` key yet): 2**18 entries = 16 MiB per table.
+#: Table capacity per worker when nothing else is said: 2**18 entries = 16 MiB (``[nat] max_sessions`` sizes it).
 DEFAULT_TABLE_CAPACITY = 1 << 18
-#: New sessions are refused ("table_full") above this load, leaving probe room.
-MAX_LOAD = 0.7
+#: New sessions are refused ("table_full") above this load of ``in2out``, leaving probe room
+#: (two-choice probing refuses ~1 insert in 10**4 at 0.8 with max_probe 32).
+MAX_LOAD = 0.8
+#: The index is sized for three hints per session at most this full (max_probe 64: ~1 in 10**4 refused at 0.9).
+INDEX_LOAD = 0.9
+#: Logged packets are written to their sessions at the latest after this many (and when the clock's second changes).
+ACCT_FLUSH = 1 << 16
 DEFAULT_MACS = {"inside_gw": "02:68:70:00:00:01", "outside_gw": "02:68:70:00:00:02"}
 
 _ICMP_ERRORS = (3, 4, 5, 11, 12)
@@ -111,6 +151,42 @@ _QUERY_REP[[0, 14]] = True
 _S32 = np.uint64(32)
 _S16 = np.uint64(16)
 _U64 = np.uint64
+_KMIX = np.uint64(KMIX)
+_M32 = np.uint64(0xFFFFFFFF)
+
+# Fast-path classification: [protocol, first L4 byte] -> kind (0: not for the fast path).
+K_TCP, K_UDP, K_ICMP = 1, 2, 3
+
+
+def _kind_lut(query_types: tuple[int, ...]) -> np.ndarray:
+    lut = np.zeros((256, 256), np.uint8)
+    lut[IPPROTO_TCP, :] = K_TCP
+    lut[IPPROTO_UDP, :] = K_UDP
+    lut[IPPROTO_ICMP, list(query_types)] = K_ICMP
+    return lut
+
+
+_KIND = (_kind_lut((8, 13)), _kind_lut((0, 14)))  # by direction: queries from inside, replies from outside
+_L4_LO = np.array([1 << 20, 20, 8, 8], np.int32)  # smallest L4 header by kind (kind 0 never passes)
+# Word (16-bit, IHL 5, untagged) of the L4 checksum by kind; of the port rewritten by [direction, kind].
+_CSUM_WORD = np.array([0, 25, 20, 18], np.intp)
+_PORT_WORD = np.array([[0, 17, 17, 19], [0, 18, 18, 19]], np.intp)
+# The session table's hash constants (shared/session_table._mix), for the writer's own lookup.
+_MIX1 = np.uint64(0x9E3779B97F4A7C15)
+_MIX2 = np.uint64(0xC2B2AE3D27D4EB4F)
+_MIX3 = np.uint64(0x165667B19E3779F9)
+BURST_SCRATCH = 512
+_HDR = 52  # header bytes the fast path reads and writes (Ethernet, IPv4 without options, TCP up to its checksum)
+_K_IP = 0xFFFF + 0x1FFFE + 0xFEFF  # ~HC + ~old address words + (~ttl_word + new ttl_word); see _fast
+_K_L4 = 0xFFFF + 0x1FFFE + 0xFFFF  # ~C + ~old address words (pseudo-header) + ~old port
+
+
+def _fold2(t: np.ndarray, scratch: np.ndarray) -> None:
+    """End-around carry, twice: any sum below 2**20 into 1..0xFFFF (0 only for 0), in place."""
+    for _ in range(2):
+        np.right_shift(t, 16, out=scratch)
+        np.bitwise_and(t, 0xFFFF, out=t)
+        t += scratch
 
 
 def _r(name: str) -> int:
@@ -124,8 +200,34 @@ PACKET_TO_COUNTER = np.array(
 
 
 def make_key(a: int, b: int, proto: int, pa: int, pb: int, tag: int = TAG_SESSION) -> tuple[int, int]:
-    """The (k0, k1) key words of one entry (see the module docstring)."""
-    return (a << 32) | b, (tag << 48) | (proto << 32) | (pa << 16) | pb
+    """The (k0, k1) words of one ``in2out`` entry (see the module docstring)."""
+    k1 = (tag << 48) | (proto << 32) | (pa << 16) | pb
+    return ((a << 32) | b) ^ ((k1 * KMIX) & _M64), k1
+
+
+def split_key(k0: int, k1: int) -> tuple[int, int, int, int, int, int]:
+    """``(a, b, tag, proto, pa, pb)`` of an ``in2out`` key (inverse of :func:`make_key`)."""
+    ab = k0 ^ ((k1 * KMIX) & _M64)
+    return ab >> 32, ab & 0xFFFFFFFF, k1 >> 48, (k1 >> 32) & 0xFF, (k1 >> 16) & 0xFFFF, k1 & 0xFFFF
+
+
+def split_keys(k0: np.ndarray, k1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorized: ``(a, b)`` (uint64 arrays) of ``in2out`` keys; the rest of the key is in ``k1``."""
+    ab = k0 ^ (k1 * _KMIX)
+    return ab >> _S32, ab & _M32
+
+
+def o2i_key(raddr: int, xaddr: int, proto: int, rport: int, xport: int) -> tuple[int, int]:
+    """Index key of a session seen from outside (``rport`` is the identifier for ICMP)."""
+    return (raddr << 32) | xaddr, (TAG_SESSION << 48) | (proto << 32) | (rport << 16) | xport
+
+
+def fwd_key(iaddr: int, proto: int, iport: int) -> tuple[int, int]:
+    return iaddr, (TAG_FWD << 48) | (proto << 32) | iport
+
+
+def rev_key(xaddr: int, proto: int, xport: int) -> tuple[int, int]:
+    return xaddr, (TAG_REV << 48) | (proto << 32) | xport
 
 
 # ----------------------------------------------------------------------------- scalar checksum helpers
@@ -272,19 +374,31 @@ def _aligned(nbytes: int) -> np.ndarray:
     return raw[skip:skip + nbytes]
 
 
+class _PMap:
+    """A mapping touched by the burst being processed (slow path bookkeeping until :meth:`NatPipeline._flush_new`)."""
+
+    __slots__ = ("iaddr", "iport", "proto", "xa", "xp", "state", "target", "added")
+
+    def __init__(self, iaddr: int, iport: int, proto: int, xa: int, xp: int, state: str, target: int = -1) -> None:
+        self.iaddr, self.iport, self.proto, self.xa, self.xp = iaddr, iport, proto, xa, xp
+        self.state = state  # "new" (allocated now), "sess" (held by its only session), "map" (a MAP entry)
+        self.target = target  # in2out slot of the holder ("sess"/"map")
+        self.added: list[int] = []  # new sessions (positions in NatPipeline._new) using it
+
+
 class NatPipeline:
     """NAT44 for one worker: both directions of the sessions whose outside ports are in its block.
 
     ``zones``: the worker's buffers from :func:`hotplane.primary.nat_zones.attach_nat_zones`
-    (``in2out``, ``out2in`` session tables, ``pool`` header + allocator, ``lpm`` FIB); None
-    builds private ones (tests, benchmarks). ``clock``: the session clock
-    (:class:`MonotonicClock` by default). ``macs``: the gateway's own MACs
+    (``in2out`` session table, ``index`` session index, ``pool`` header + allocator, ``lpm``
+    FIB); None builds private ones (tests, benchmarks) of ``table_capacity`` entries. ``clock``:
+    the session clock (:class:`MonotonicClock` by default). ``macs``: the gateway's own MACs
     (``inside_gw``/``outside_gw``) when the config does not name them.
     """
 
     def __init__(self, config: GatewayConfig, worker: int = 0, zones: dict[str, Any] | None = None,
                  clock: Clock | None = None, *, macs: dict[str, Any] | None = None, capacity: int = 512,
-                 table_capacity: int = DEFAULT_TABLE_CAPACITY, expiry_slice: int | None = None) -> None:
+                 table_capacity: int | None = None, expiry_slice: int | None = None) -> None:
         self.config = config
         self.nat = config.nat
         self.worker = worker
@@ -292,6 +406,7 @@ class NatPipeline:
         gw = config.gateway
         macs = dict(DEFAULT_MACS, **(macs or {}))
         self.own_mac = (mac_bytes(gw.inside_mac or macs["inside_gw"]), mac_bytes(gw.outside_mac or macs["outside_gw"]))
+        self._own_mac_row = tuple(np.frombuffer(m, np.uint8) for m in self.own_mac)
         self.own_ip = (int(gw.inside_address.ip), int(gw.outside_address.ip))
         self.pool = [int(a) for a in self.nat.pool_addresses()]
         self.statics = list(self.nat.static)
@@ -313,24 +428,39 @@ class NatPipeline:
         self.host_session_limit = self.nat.per_worker_limit(self.nat.per_host_sessions, w)
         self.port_lo, self.port_hi = self.nat.worker_port_range(worker)
 
-        # Shared state: session tables, allocator, FIB.
+        # Shared state: session table + index, allocator, FIB.
         self.zone_header = None
         if zones is None:
+            if table_capacity is None:
+                table_capacity = table_capacity_for(config)
             zones = private_zones(config, worker, self.clock, table_capacity)
         self.in2out: SessionTable = zones["in2out"]
-        self.out2in: SessionTable = zones["out2in"]
+        self.index: SessionIndex = zones["index"]
+        if self.index.key_format != KEY_FORMAT:
+            raise RuntimeError(f"session index of worker {worker} uses key format {self.index.key_format}, this "
+                               f"build understands {KEY_FORMAT}: migrate the sessions or start with fresh zones")
         self.alloc: PortAllocator = zones["pool"]
         self.alloc.clock = self.clock
         self.lpm: Lpm = zones["lpm"]
         self.mirror = NeighbourMirror(zones["neigh"])
         self.zone_header = zones.get("pool_header")
-        if zones.get("peer_out2in"):
-            self.attach_peers(zones["peer_out2in"])
+        self.peers: dict[int, tuple[SessionIndex, SessionTable]] = {}
+        if zones.get("peers"):
+            self.attach_peers(zones["peers"])
         self.hops = next_hops_for(config)
-        self.hop_port = np.array([0 if h.port == "inside" else 1 for h in self.hops.as_list()], np.uint8)
-        self.hop_via = np.array([0 if h.via is None else h.via for h in self.hops.as_list()], np.uint32)
-        self.hop_has_via = np.array([h.via is not None for h in self.hops.as_list()], bool)
+        hl = self.hops.as_list()
+        self.hop_port = np.array([0 if h.port == "inside" else 1 for h in hl], np.uint8)
+        self.hop_via = np.array([0 if h.via is None else h.via for h in hl], np.uint32)
+        self.hop_has_via = np.array([h.via is not None for h in hl], bool)
+        # The same, indexed by any 15-bit next-hop value (MISS included), for the fast path.
+        self._hop_port_lut = np.full(MISS + 1, 255, np.uint8)
+        self._hop_port_lut[: len(hl)] = self.hop_port
+        self._hop_via_lut = np.zeros(MISS + 1, np.uint32)
+        self._hop_via_lut[: len(hl)] = self.hop_via
+        self._any_via = bool(self.hop_has_via.any())
         self.max_entries = int(self.in2out.capacity * MAX_LOAD)
+        self._init_lookup()
+        self.max_hints = int(self.index.capacity * INDEX_LOAD)
 
         self.neigh = (
             NeighbourTable(self.clock, self.own_ip[0]),
@@ -348,21 +478,218 @@ class NatPipeline:
         self.punted = 0
         self.emit: list[tuple[int, bytes]] = []
         self.stats = {"sessions_created": 0, "sessions_expired": 0, "icmp_errors_translated": 0, "hairpinned": 0,
-                      "echo_replies": 0, "arp_replies": 0, "neigh_drops": 0, "frag_translated": 0}
+                      "echo_replies": 0, "arp_replies": 0, "neigh_drops": 0, "frag_translated": 0, "fast": 0,
+                      "index_full": 0, "index_rebuilds": 0}
         self._empty = np.zeros(0, np.intp)
+        self._arange = np.arange(capacity, dtype=np.intp)
+        # Fast-path scratch (bursts up to ``capacity``) and tables.
+        self._s_ok = np.zeros(capacity, bool)
+        self._s_b1 = np.zeros(capacity, bool)
+        self._s_u32 = np.zeros(capacity, np.uint32)
+        self._s_i32 = np.zeros(capacity, np.int32)
+        self._s_i32b = np.zeros(capacity, np.int32)
+        self._s_k0 = np.zeros(capacity, _U64)
+        self._s_k1 = np.zeros(capacity, _U64)
+        self._s_i64 = np.zeros(capacity, np.int64)
+        self._s_i64b = np.zeros(capacity, np.int64)
+        self._s_i64c = np.zeros(capacity, np.int64)
+        self._s_i64d = np.zeros(capacity, np.int64)
+        self._kind = _KIND
+        self._mac_rows: dict[tuple[int, int], np.ndarray] = {}  # (next-hop MAC, side) -> the 12 header bytes
+        # Local addresses, padded so that searchsorted never runs off the end.
+        self._local_pad = np.append(self.local_in.astype(np.uint64), np.uint64(1 << 32))
         self._host_sessions: dict[int, int] = {}
+        # Slow-path batch (one burst) and the fast path's accounting log.
+        self._pending: dict[tuple[int, int], tuple[int, int, int]] = {}
+        self._slots_done: list[int] = []
+        self._new_base = 0
+        self._pre_ok = False
+        self._new: list[tuple] = []
+        self._pmaps: dict[tuple[int, int, int], _PMap] = {}
+        self._pmaps_rev: dict[tuple[int, int, int], _PMap] = {}
+        self._log: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._log_n = 0
+        self._log_now = 0
+        if self.in2out.is_writer:
+            self._check_index()
+        else:
+            self.index.writer = False  # an upgrade candidate: reads only until resume()
         self._rebuild_host_counts()
 
-    # ------------------------------------------------------------------ restart support
+    # ------------------------------------------------------------------ in2out lookup
+
+    def _init_lookup(self) -> None:
+        """Flat views and constants for :meth:`_t_lookup` (the writer's own lookups of ``in2out``)."""
+        t = self.in2out
+        self._e64 = t.entries.view(np.uint64)  # word w of slot s at 8 * s + w (key0: 1, key1: 2)
+        self._e8 = t.entries.view(np.uint8)  # state of slot s at 64 * s + 4
+        self._tmask = np.int64(t.capacity - 1)
+        self._tmask_u = np.uint64(t.capacity - 1)
+        self._tseed = t.seed
+        self._tseed_u = np.uint64(t.seed)
+        self._off07 = np.arange(min(8, t.max_probe), dtype=np.int64)
+        self._h_x = np.zeros(BURST_SCRATCH, _U64)
+        self._h_y = np.zeros(BURST_SCRATCH, _U64)
+        self._h_h = np.zeros((BURST_SCRATCH, 2), np.int64)
+        # The probing below is the table's (module docstring of shared/session_table.py); if its
+        # hashing ever differs from this reading, use the table's own lookup.
+        k = np.arange(1, 9, dtype=_U64) * _KMIX
+        self._lean = bool((self._t_homes(k, ~k) == t.homes(k, ~k)).all())
+
+    def _t_homes(self, k0: np.ndarray, k1: np.ndarray) -> np.ndarray:
+        """Home slots (n, 2) of keys in ``in2out``: the table's hash (``mix_hash``), into scratch."""
+        n = k0.shape[0]
+        if n > self._h_x.shape[0]:
+            x = mix_hash(k0, k1, self._tseed)
+            h = np.empty((n, 2), np.int64)
+        else:
+            x, y, h = self._h_x[:n], self._h_y[:n], self._h_h[:n]
+            # The multiply-xorshift of shared/session_table._mix, written out with scratch.
+            np.bitwise_xor(k0, self._tseed_u, out=x)
+            np.multiply(x, _MIX1, out=x)
+            np.multiply(k1, _MIX2, out=y)
+            x += y
+            np.right_shift(x, _U64(29), out=y)
+            x ^= y
+            np.multiply(x, _MIX3, out=x)
+            np.right_shift(x, _S32, out=y)
+            x ^= y
+        np.bitwise_and(x, self._tmask_u, out=h[:, 0], casting="unsafe")
+        x >>= _S32
+        np.bitwise_and(x, self._tmask_u, out=h[:, 1], casting="unsafe")
+        return h
+
+    def _t_lookup(self, k0: np.ndarray, k1: np.ndarray) -> np.ndarray:
+        """Slots of keys in ``in2out`` (-1: absent); the writer's exact lookup, vectorized.
+
+        Two-choice windows as the table probes them: first the home slot of
+        both windows (where ~80% of keys sit at load 0.8, ~90% at 0.6), whole
+        key and state compared: two cache lines per key; then offsets 0-7 for
+        the keys left (key0 first; an EMPTY ends a window), then the table's own lookup.
+        """
+        n = k0.shape[0]
+        if n == 0:
+            return np.zeros(0, np.int64)
+        if not self._lean:
+            idx = np.empty(n, np.int64)
+            self.in2out.lookup_batch(k0, k1, idx, np.empty(n, bool))
+            return idx
+        e64, e8 = self._e64, self._e8
+        h = self._t_homes(k0, k1)
+        i8 = h << 3
+        m = np.take(e64, i8 + 1) == k0[:, None]
+        m &= np.take(e64, i8 + 2) == k1[:, None]
+        i8 <<= 3
+        i8 += 4
+        m &= np.take(e8, i8) == USED
+        slot = np.where(m[:, 0], h[:, 0], h[:, 1])
+        miss = ~(m[:, 0] | m[:, 1])
+        if np.count_nonzero(miss):
+            # Offsets 0-7 of both windows by key0, the first match confirmed; a key not there
+            # whose both windows hold an EMPTY entry there is absent (chain invariant); what is
+            # still unsettled (about 1 key in 100 at load 0.8) goes to the table's own lookup.
+            r = miss.nonzero()[0]
+            ws = ((h[r][:, :, None] + self._off07) & self._tmask).reshape(r.size, -1)
+            w8 = ws << 3
+            eq = np.take(e64, w8 + 1) == k0[r, None]
+            ar = np.arange(r.size)
+            f = eq.argmax(axis=1)
+            cand = ws[ar, f]
+            ok = eq[ar, f] & (np.take(e64, (cand << 3) + 2) == k1[r]) & (np.take(e8, (cand << 6) + 4) == USED)
+            slot[r] = np.where(ok, cand, -1)
+            ended = (np.take(e8, (w8 << 3) + 4) == 0).reshape(r.size, 2, -1).any(axis=2).all(axis=1)
+            rest = r[~ok & ~(ended & ~eq.any(axis=1))]
+            if rest.size:
+                idx = np.empty(rest.size, np.int64)
+                self.in2out.lookup_batch(k0[rest], k1[rest], idx, np.empty(rest.size, bool))
+                slot[rest] = idx
+        return slot
+
+    # ------------------------------------------------------------------ restart support and hand-over
+
+    def _check_index(self) -> None:
+        """As the writer: rebuild the index if a writer died inside a group (or it was lost)."""
+        if self.index.needs_rebuild or (self.index.count == 0 and self.in2out.count):
+            self.rebuild_index()
+
+    def suspend(self) -> None:
+        """Stop writing (the old side of a hot upgrade, at a burst boundary): write the accounting
+        log, save the expiry cursor, give up the writer role of the table and the index."""
+        self.flush()
+        if self.zone_header is not None:
+            self.zone_header["expiry_cursor"] = self.sweeper.cursor
+        self.in2out.release()
+        self.index.writer = False
+
+    def resume(self) -> None:
+        """Take the writer role (the new side of a hot upgrade, after the old one suspended):
+        table recovery, index check, expiry cursor and per-host counts from shared memory."""
+        if not self.in2out.is_writer:
+            self.in2out._take_writer(False)
+            self.in2out.recovered = self.in2out.recover()
+        self.index.hdr["writer_pid"] = os.getpid()
+        self.index.writer = True
+        self._check_index()
+        if self.zone_header is not None:
+            self.sweeper.cursor = int(self.zone_header["expiry_cursor"][0]) % self.sweeper.capacity
+        self._host_sessions = {}
+        self._rebuild_host_counts()
 
     def _rebuild_host_counts(self) -> None:
         """Per-inside-host session counts, derived from the in2out table (so they survive restarts)."""
         e = self.in2out.entries
         live = (e["state"] == USED) & ((e["flags"] == FLAG_SESSION) | (e["flags"] == FLAG_STATIC))
         if live.any():
-            hosts = (e["key0"][live] >> _S32).astype(np.uint32)
-            u, c = np.unique(hosts, return_counts=True)
+            hosts, _ = split_keys(e["key0"][live], e["key1"][live])
+            u, c = np.unique(hosts.astype(np.uint32), return_counts=True)
             self._host_sessions = dict(zip(u.tolist(), c.tolist()))
+
+    def rebuild_index(self) -> int:
+        """Rebuild every hint from the ``in2out`` entries (after a writer died inside a group); returns hints stored."""
+        idx = self.index
+        idx.begin()
+        idx.clear()
+        e = self.in2out.entries
+        used = np.flatnonzero(e["state"] == USED)
+        stored = 0
+        for a in range(0, used.size, 1 << 16):
+            s = used[a:a + (1 << 16)]
+            rec = e[s]
+            k1 = rec["key1"]
+            hi, lo = split_keys(rec["key0"], k1)
+            proto = (k1 >> _S32) & _U64(0xFF)
+            pa, pb = (k1 >> _S16) & _U64(0xFFFF), k1 & _U64(0xFFFF)
+            fl = rec["flags"]
+            xa, xp = rec["xaddr"].astype(_U64), rec["xport"].astype(_U64)
+            sess = (fl == FLAG_SESSION) | (fl == FLAG_STATIC)
+            rp = np.where(proto == IPPROTO_ICMP, xp, pb)
+            kas = [(lo << _S32 | xa)[sess]]
+            kbs = [((proto << _S32) | (rp << _S16) | xp)[sess]]
+            vals = [s[sess]]
+            # Mapping holders: MAP entries, and sessions whose mapping has no MAP entry.
+            maps = fl == FLAG_MAP
+            mk = (hi << _S32) | (proto << _S16) | pa
+            plain = (fl == FLAG_SESSION) & ~np.isin(mk, self._all_map_keys())
+            hold = maps | plain
+            for ka, kb in ((hi[hold], (_U64(TAG_FWD) << _U64(48)) | (proto[hold] << _S32) | pa[hold]),
+                           (xa[hold], (_U64(TAG_REV) << _U64(48)) | (proto[hold] << _S32) | xp[hold])):
+                kas.append(ka)
+                kbs.append(kb)
+                vals.append(s[hold])
+            ok = idx.insert_batch(np.concatenate(kas), np.concatenate(kbs), np.concatenate(vals))
+            stored += int(ok.sum())
+            self.stats["index_full"] += int((~ok).sum())
+        idx.end()
+        self.stats["index_rebuilds"] += 1
+        return stored
+
+    def _all_map_keys(self) -> np.ndarray:
+        """(iaddr << 32 | proto << 16 | iport) of every MAP entry (for rebuilds)."""
+        e = self.in2out.entries
+        m = np.flatnonzero((e["state"] == USED) & (e["flags"] == FLAG_MAP))
+        k1 = e["key1"][m]
+        hi, _ = split_keys(e["key0"][m], k1)
+        return (hi << _S32) | (((k1 >> _S32) & _U64(0xFF)) << _S16) | ((k1 >> _S16) & _U64(0xFFFF))
 
     # ------------------------------------------------------------------ the burst
 
@@ -371,10 +698,292 @@ class NatPipeline:
         """Translate a burst in place; returns ``(to_other, to_same)`` row indices (contract)."""
         self.forwarded = 0
         self.punted = 0
-        pb = self.pb
         n = int(lengths.shape[0])
         if n == 0:
             return self._empty, self._empty
+        fast = None
+        if n <= self.pb.capacity and frames.ndim == 2 and frames.dtype == np.uint8 and frames.shape[1] >= 52 \
+                and frames.shape[1] % 4 == 0 and frames.strides[1] == 1 and frames.strides[0] % 4 == 0:
+            fast, handled = self._fast(direction, frames, lengths, valid, n)
+            if fast.size == n:
+                return fast, self._empty
+            if fast.size:
+                valid = valid & ~handled
+        rows = self._general(direction, frames, lengths, valid, n)
+        if fast is not None and fast.size:
+            rows = np.concatenate((fast, rows)) if rows.size else fast
+        return rows, self._empty
+
+    def _fast(self, d: int, frames: np.ndarray, lengths: np.ndarray, valid: np.ndarray, n: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Translate the session hits among the plain frames; returns (rows done, mask of rows done).
+
+        Reads fixed columns (untagged Ethernet, IHL 5) of the burst and leaves
+        every row it does not fully handle untouched, for the general path.
+        Its checks are those of ``parse_burst`` for such a frame, or stricter.
+        When only some rows qualify, their first ``_HDR`` bytes are gathered
+        into a compact copy, translated there and copied back.
+        """
+        F = frames[:n]
+        W = F.view(">u2")
+        U4 = F.view(">u4")
+        ok = self._s_ok[:n]
+        b1 = self._s_b1[:n]
+        s32 = self._s_u32[:n]
+        tot = self._s_i32[:n]
+        i32 = self._s_i32b[:n]
+        # Ethertype 0x0800, version 4, IHL 5 (TOS ignored).
+        np.bitwise_and(U4[:, 3], 0xFFFFFF00, out=s32)
+        np.equal(s32, 0x08004500, out=ok)
+        # No MF, fragment offset 0, TTL >= 2 (a TTL-1 packet needs the slow path's ICMP): one range test.
+        np.bitwise_and(U4[:, 5], 0x3FFFFF00, out=s32)
+        np.subtract(s32, 0x200, out=s32)
+        np.less(s32, 0x10000 - 0x200, out=b1)
+        ok &= b1
+        np.copyto(tot, W[:, 8])
+        np.add(tot, 14, out=i32)
+        np.less_equal(i32, lengths, out=b1)
+        ok &= b1
+        if int(lengths.max()) > F.shape[1]:
+            ok &= lengths <= F.shape[1]
+        # Header checksum: the ten words sum to a multiple of 0xFFFF (non-zero: the version nibble).
+        np.add.reduce(W[:, 7:17], axis=1, dtype=np.uint32, out=s32)
+        np.remainder(s32, 0xFFFF, out=s32)
+        np.equal(s32, 0, out=b1)
+        ok &= b1
+        # L4 header inside the datagram: TCP 20 <= data offset <= l4 length, UDP 8 <= length <= l4
+        # length, ICMP (queries of this direction only) 8 <= l4 length.
+        kind = self._kind[d][F[:, 23], F[:, 34]]
+        np.choose(kind, (tot, F[:, 46] >> 4 << 2, W[:, 19], 8), out=i32)
+        np.greater_equal(i32, _L4_LO[kind], out=b1)
+        ok &= b1
+        np.subtract(tot, 20, out=tot)
+        np.less_equal(i32, tot, out=b1)
+        ok &= b1
+        ok &= valid[:n]
+        if d == INSIDE:
+            # Hairpin and to-gateway traffic never takes the fast path.
+            dst = U4[:, 7]
+            np.not_equal(self._local_pad[np.searchsorted(self._local_pad, dst)], dst, out=b1)
+            ok &= b1
+        m = int(np.count_nonzero(ok))
+        if m == 0:
+            return self._empty, ok
+        if m == n:
+            rows = self._arange[:n]
+            G = F  # every row: work on the burst itself
+        else:
+            rows = ok.nonzero()[0]
+            kind = kind[rows]
+            G = F[rows, :_HDR]  # compact copy of the headers
+        GW = G.view(">u2")
+        # Keys: src|dst is one big-endian 64-bit word (bytes 26-33), sport|dport one 32-bit word.
+        ab = G[:, 26:34].view(">u8")[:, 0]
+        k1 = self._s_k1[:m]
+        np.copyto(k1, G[:, 34:38].view(">u4")[:, 0])
+        icmp = kind == K_ICMP
+        anyicmp = bool(np.count_nonzero(icmp))
+        if anyicmp:
+            idw = GW[:, 19].astype(_U64)
+            np.copyto(k1, idw * _U64(0x10001), where=icmp)  # the identifier is both "ports"
+        proto = G[:, 23]
+        np.bitwise_or(k1, np.left_shift(proto, _S32, dtype=_U64), out=k1)
+        ent = self.in2out.entries
+        if d == INSIDE:
+            k0 = self._s_k0[:m]
+            np.multiply(k1, _KMIX, out=k0)
+            np.bitwise_xor(k0, ab, out=k0)
+            slot = self._t_lookup(k0, k1)
+            hit = slot >= 0
+            rec = ent[np.where(hit, slot, 0)]
+            xaddr = rec["xaddr"]
+            xport = rec["xport"]
+            fdst = G[:, 30:34].view(">u4")[:, 0].astype(np.uint32)
+        else:
+            # Outside: the index hint, confirmed against the session entry.
+            ka = ab.astype(_U64)
+            slot = self.index.lookup(ka, k1)
+            hit = slot >= 0
+            rec = ent[np.where(hit, slot, 0)]
+            rk1 = rec["key1"]
+            ia, ra = split_keys(rec["key0"], rk1)
+            fl = rec["flags"]
+            # The entry must be this session: remote address and port, outside address and port, protocol.
+            hit &= (rec["state"] == USED) & ((fl == FLAG_SESSION) | (fl == FLAG_STATIC)) & (ra == (ka >> _S32)) \
+                & (rec["xaddr"] == (ka & _M32)) & (rec["xport"] == (k1 & _U64(0xFFFF))) & ((rk1 >> _S32) == (k1 >> _S32)) \
+                & (icmp | ((rk1 & _U64(0xFFFF)) == ((k1 >> _S16) & _U64(0xFFFF))))
+            fdst = ia.astype(np.uint32)
+            xaddr = fdst
+            xport = ((rk1 >> _S16) & _U64(0xFFFF)).astype(np.uint16)
+        hop = self.lpm.lookup_batch(fdst)
+        out_side = OUTSIDE if d == INSIDE else INSIDE
+        hit &= self._hop_port_lut[hop] == out_side
+        if self._any_via:
+            via = self._hop_via_lut[hop]
+            nh = np.where(via != 0, via, fdst)
+        else:
+            nh = fdst
+        macs, found, actions = self.neigh[out_side].lookup_batch(nh)
+        if actions:
+            self._actions(out_side, actions)
+        hit &= found
+        k = int(np.count_nonzero(hit))
+        if k != m:
+            if k == 0:
+                ok[:] = False
+                return self._empty, ok
+            keep = hit.nonzero()[0]
+            ok[rows[~hit]] = False
+            rows, kind, slot, rec, xaddr, xport, macs, icmp = (
+                rows[keep], kind[keep], slot[keep], rec[keep], xaddr[keep], xport[keep], macs[keep], icmp[keep])
+            G = G[keep] if G is not F else F[rows, :_HDR]
+            GW = G.view(">u2")
+            anyicmp = bool(np.count_nonzero(icmp))
+            m = k
+        # Sessions: TCP state (written at once when it changes), then the accounting log.
+        tcp = kind == K_TCP
+        refresh = None
+        if np.count_nonzero(tcp):
+            refresh = self._tcp(d, slot, tcp, rec["tcp_state"], G[:, 47])
+        self._log_acct(slot, GW[:, 8], refresh)
+        # Rewrite: one eqn. 3 step per checksum: the address (and the TTL, IP header; the
+        # pseudo-header address and the port, L4). All sums stay far below 2**31.
+        aw = 13 if d == INSIDE else 15  # first word of the rewritten address
+        na = self._s_i64[:m]
+        np.copyto(na, xaddr)
+        da = self._s_i64b[:m]
+        np.right_shift(na, 16, out=da)
+        np.bitwise_and(na, 0xFFFF, out=na)
+        da += na
+        da -= GW[:, aw]
+        da -= GW[:, aw + 1]  # da: change of the address's word sum
+        t = self._s_i64c[:m]
+        np.subtract(np.int64(_K_IP), GW[:, 12], out=t)
+        t += da
+        _fold2(t, na)
+        np.subtract(0xFFFF, t, out=t)
+        GW[:, 12] = t
+        GW[:, 11] -= np.uint16(0x100)
+        kmin = int(kind.min())
+        if kmin == int(kind.max()):
+            cw = int(_CSUM_WORD[kmin])
+            pw = int(_PORT_WORD[d, kmin])
+            c4, op = GW[:, cw], GW[:, pw]
+        else:
+            ar = self._arange[:m]
+            cw = _CSUM_WORD[kind]
+            pw = _PORT_WORD[d][kind]
+            c4, op = GW[ar, cw], GW[ar, pw]
+        t4 = self._s_i64d[:m]
+        np.subtract(np.int64(_K_L4), c4, out=t4)
+        t4 -= op
+        t4 += xport
+        if anyicmp:
+            # ICMP has no pseudo-header: its constant's address share goes instead of the change.
+            np.copyto(da, -0x1FFFE, where=icmp)
+        t4 += da
+        _fold2(t4, na)
+        np.subtract(0xFFFF, t4, out=t4)
+        udp = kind == K_UDP
+        if np.count_nonzero(udp):
+            # UDP: a checksum of 0 ("none") stays 0; a computed 0 is sent as 0xFFFF.
+            t4[udp & (t4 == 0)] = 0xFFFF
+            t4[udp & (c4 == 0)] = 0
+        GW[:, aw] = xaddr >> 16
+        GW[:, aw + 1] = xaddr & 0xFFFF
+        if isinstance(cw, int):
+            GW[:, cw] = t4
+            GW[:, pw] = xport
+        else:
+            GW[ar, cw] = t4
+            GW[ar, pw] = xport
+        # MACs: one broadcast when every packet goes to one next hop.
+        osrc = self._own_mac_row[out_side]
+        if np.count_nonzero(macs != macs[0]) == 0:
+            key = (int(macs[0]), out_side)
+            row = self._mac_rows.get(key)
+            if row is None:
+                if len(self._mac_rows) > 4096:
+                    self._mac_rows.clear()
+                row = self._mac_rows[key] = np.concatenate((macs_to_bytes(macs[:1])[0], osrc))
+            G[:, 0:12] = row
+        else:
+            G[:, 0:6] = macs_to_bytes(macs)
+            G[:, 6:12] = osrc
+        if G is not F:
+            F[rows, :_HDR] = G
+        self.forwarded += m
+        self.stats["fast"] += m
+        return rows, ok
+
+    def _tcp(self, d: int, slot: np.ndarray, tcp: np.ndarray, state: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """TCP state machine for the TCP rows of a burst; writes changed states; returns refresh per row."""
+        refresh = np.ones(slot.size, bool)
+        t = np.flatnonzero(tcp)
+        st = state[t]
+        ev = nat_tcp.EVENT_OF_FLAGS[flags[t]]
+        ns = nat_tcp.NEXT_STATE[st, d, ev]
+        refresh[t] = nat_tcp.REFRESH[st, d, ev]
+        if (ns != st).any():
+            # Some state changes: apply the burst in packet order (several packets of one session).
+            u, inv = np.unique(slot[t], return_inverse=True)
+            cur = self.in2out.entries["tcp_state"][u]
+            states = cur.copy()
+            _, _, ref = nat_tcp.advance(states, inv, np.full(t.size, d, np.uint8), flags[t])
+            refresh[t] = ref
+            ch = np.flatnonzero(states != cur)
+            if ch.size:
+                v = np.zeros(ch.size, dtype=[("tcp_state", "u1")])
+                v["tcp_state"] = states[ch]
+                self.in2out.update_batch(u[ch], v)
+        return refresh
+
+    # ------------------------------------------------------------------ session accounting (batched)
+
+    def _log_acct(self, slots: np.ndarray, nbytes: np.ndarray, refresh: np.ndarray | None) -> None:
+        """Log a burst's packets for their sessions; :meth:`flush` writes them."""
+        now = self.clock.now()
+        if self._log_n and now != self._log_now:
+            self.flush()
+        self._log_now = now
+        self._log.append((slots.copy(), np.asarray(nbytes, np.uint64), None if refresh is None else refresh.copy()))
+        self._log_n += slots.size
+        if self._log_n >= ACCT_FLUSH:
+            self.flush()
+
+    def flush(self) -> int:
+        """Write the logged packets to their sessions: packets, bytes, and last_seen where refreshed.
+
+        One journaled update per chunk of distinct sessions. Returns the sessions updated.
+        """
+        if not self._log_n:
+            return 0
+        log, self._log, self._log_n = self._log, [], 0
+        slots = np.concatenate([x[0] for x in log])
+        nbytes = np.concatenate([x[1] for x in log])
+        u, inv = np.unique(slots, return_inverse=True)
+        e = self.in2out.entries
+        cur = e[u]
+        vals = np.zeros(u.size, dtype=[("last_seen", "<u4"), ("packets", "<u8"), ("bytes", "<u8")])
+        vals["packets"] = cur["packets"] + np.bincount(inv, minlength=u.size).astype(np.uint64)
+        vals["bytes"] = cur["bytes"] + np.bincount(inv, weights=nbytes, minlength=u.size).astype(np.uint64)
+        if all(x[2] is None for x in log):
+            vals["last_seen"] = self._log_now
+        else:
+            ref = np.concatenate([np.ones(x[0].size, bool) if x[2] is None else x[2] for x in log])
+            fresh = np.zeros(u.size, bool)
+            fresh[inv[ref]] = True
+            vals["last_seen"] = np.where(fresh, self._log_now, cur["last_seen"])
+        self.in2out.update_batch(u, vals)
+        return int(u.size)
+
+    # ------------------------------------------------------------------ the general path
+
+    def _general(self, direction: int, frames: np.ndarray, lengths: np.ndarray, valid: np.ndarray, n: int
+                 ) -> np.ndarray:
+        """Full parse and lookups for the rows the fast path left; slow path for the misses."""
+        pb = self.pb
+        self._pending, self._slots_done, self._new_base = {}, [], 0
         parse_burst(frames, lengths, pb)
         ok = pb.valid[:n] & valid
         bad = valid & ~ok
@@ -387,34 +996,30 @@ class NatPipeline:
         elig = ok & (tcpudp | q) & (pb.ttl[:n] > 1)
         dst = pb.dst[:n]
         if direction == INSIDE:
-            # Hairpin and to-gateway traffic never takes the fast path.
             pos = np.searchsorted(self.local_in, dst)
             pos[pos >= len(self.local_in)] = 0
             elig &= self.local_in[pos] != dst
         rows = np.flatnonzero(elig)
-        src = pb.src[:n]
-        sp = pb.sport[:n]
-        dp = pb.dport[:n]
-        k0 = (src[rows].astype(_U64) << _S32) | dst[rows]
-        k1 = (proto[rows].astype(_U64) << _S32) | (sp[rows].astype(_U64) << _S16) | dp[rows]
-        table = self.in2out if direction == INSIDE else self.out2in
-        idx = np.empty(rows.size, np.int64)
-        hits = np.empty(rows.size, bool)
-        table.lookup_batch(k0, k1, idx, hits)
-        ent = table.entries
-        hit_rows = rows[hits]
-        hslot = idx[hits]
-        xaddr = ent["xaddr"][hslot]
-        xport = ent["xport"][hslot]
+        src = pb.src[:n][rows].astype(_U64)
+        dr = dst[rows].astype(_U64)
+        k1 = (proto[rows].astype(_U64) << _S32) | (pb.sport[:n][rows].astype(_U64) << _S16) | pb.dport[:n][rows]
+        ent = self.in2out.entries
         if direction == INSIDE:
-            sess = hslot
+            k0 = ((src << _S32) | dr) ^ (k1 * _KMIX)
+            idx = self._t_lookup(k0, k1)
+            hits = idx >= 0
+            hit_rows, sess = rows[hits], idx[hits]
+            xaddr, xport = ent["xaddr"][sess], ent["xport"][sess]
         else:
-            sess = ent["packets"][hslot].astype(np.int64)
-            # Guard against a half-deleted pair (a writer killed between the two deletes).
-            live = (sess >= 0) & (sess < self.in2out.capacity)
-            live[live] = self.in2out._state[sess[live]] == USED
-            if not live.all():
-                hit_rows, sess, xaddr, xport = hit_rows[live], sess[live], xaddr[live], xport[live]
+            cand = self.index.lookup((src << _S32) | dr, k1)
+            sess = np.array([self._o2i_confirm(int(c), int(s), int(d_), int(k)) if c >= 0 else -1
+                             for c, s, d_, k in zip(cand.tolist(), src.tolist(), dr.tolist(), k1.tolist())], np.int64)
+            hits = sess >= 0
+            hit_rows, sess = rows[hits], sess[hits]
+            rk1 = ent["key1"][sess]
+            ia, _ = split_keys(ent["key0"][sess], rk1)
+            xaddr = ia.astype(np.uint32)
+            xport = ((rk1 >> _S16) & _U64(0xFFFF)).astype(np.uint16)
         # Everything else valid goes to the slow path.
         slow = ok.copy()
         slow[hit_rows] = False
@@ -425,9 +1030,41 @@ class NatPipeline:
             sess = np.concatenate((sess, s_sess))
             xaddr = np.concatenate((xaddr, s_x.astype(np.uint32)))
             xport = np.concatenate((xport, s_p.astype(np.uint16)))
+        self._flush_new()  # sessions planned outside _slow (fragments)
         if hit_rows.size == 0:
-            return self._empty, self._empty
-        return self._translate_and_send(direction, frames, hit_rows, sess, xaddr, xport, nfast), self._empty
+            return self._empty
+        return self._translate_and_send(direction, frames, hit_rows, sess, xaddr, xport, nfast)
+
+    def _o2i_confirm(self, cand: int, raddr: int, xaddr: int, k1: int) -> int:
+        """The session slot for an outside packet (raddr -> xaddr, k1 = proto|sport|dport), or -1.
+
+        Tries the first hint, then every hint of the key (a fingerprint can collide)."""
+        proto, sp, dp = (k1 >> 32) & 0xFF, (k1 >> 16) & 0xFFFF, k1 & 0xFFFF
+        if self._o2i_ok(cand, raddr, xaddr, proto, sp, dp):
+            return cand
+        for c in self.index.candidates((raddr << 32) | xaddr, k1):
+            if self._o2i_ok(c, raddr, xaddr, proto, sp, dp):
+                return c
+        return -1
+
+    def _o2i_ok(self, s: int, raddr: int, xaddr: int, proto: int, rport: int, xport: int,
+                table: SessionTable | None = None) -> bool:
+        if s < 0 or s >= self.in2out.capacity:
+            return False
+        r = (table or self.in2out).entries[s]
+        if r["state"] != USED or int(r["flags"]) not in (FLAG_SESSION, FLAG_STATIC):
+            return False
+        _, b, _, p, _, pb_ = split_key(int(r["key0"]), int(r["key1"]))
+        return (b == raddr and p == proto and int(r["xaddr"]) == xaddr and int(r["xport"]) == xport
+                and (proto == IPPROTO_ICMP or pb_ == rport))
+
+    def _o2i_find(self, raddr: int, xaddr: int, proto: int, rport: int, xport: int) -> int:
+        """Slot of the session an outside packet (raddr:rport -> xaddr:xport) belongs to, or -1."""
+        ka, kb = o2i_key(raddr, xaddr, proto, rport, xport)
+        for c in self.index.candidates(ka, kb):
+            if self._o2i_ok(c, raddr, xaddr, proto, rport, xport):
+                return c
+        return -1
 
     def _translate_and_send(self, d: int, frames: np.ndarray, rows: np.ndarray, sess: np.ndarray,
                             xaddr: np.ndarray, xport: np.ndarray, nfast: int) -> np.ndarray:
@@ -447,7 +1084,6 @@ class NatPipeline:
             if rows.size == 0:
                 return self._empty
         nh = np.where(self.hop_has_via[hop_c], self.hop_via[hop_c], fdst)
-        # Sessions: TCP state machine, then one journaled update per distinct session.
         self._account(d, rows, sess)
         if d == INSIDE:
             snat(frames, pb, rows, xaddr, xport)
@@ -473,27 +1109,13 @@ class NatPipeline:
         return rows
 
     def _account(self, d: int, rows: np.ndarray, sess: np.ndarray) -> None:
-        """TCP state advance, last_seen (on refresh), packets and bytes of each distinct session."""
+        """TCP state advance (written now), packets, bytes and last_seen (logged) of rows ``rows``."""
         pb = self.pb
-        now = self.clock.now()
-        ent = self.in2out.entries
-        u, inv = np.unique(sess, return_inverse=True)
-        states = ent["tcp_state"][u].copy()
-        last = ent["last_seen"][u].copy()
-        is_tcp = pb.proto[rows] == IPPROTO_TCP
-        refresh = np.ones(rows.size, bool)
-        if is_tcp.any():
-            t = np.flatnonzero(is_tcp)
-            _, _, ref = nat_tcp.advance(states, inv[t], np.full(t.size, d, np.uint8), pb.tcp_flags[rows[t]])
-            refresh[t] = ref
-        if refresh.any():
-            last[np.unique(inv[refresh])] = now
-        vals = np.zeros(u.size, dtype=[("tcp_state", "u1"), ("last_seen", "<u4"), ("packets", "<u8"), ("bytes", "<u8")])
-        vals["tcp_state"] = states
-        vals["last_seen"] = last
-        vals["packets"] = ent["packets"][u] + np.bincount(inv, minlength=u.size).astype(np.uint64)
-        vals["bytes"] = ent["bytes"][u] + np.bincount(inv, weights=pb.ip_total_len[rows], minlength=u.size).astype(np.uint64)
-        self.in2out.update_batch(u, vals)
+        tcp = pb.proto[rows] == IPPROTO_TCP
+        refresh = None
+        if tcp.any():
+            refresh = self._tcp(d, sess, tcp, self.in2out.entries["tcp_state"][sess], pb.tcp_flags[rows])
+        self._log_acct(np.asarray(sess, np.int64), pb.ip_total_len[rows], refresh)
 
     # ------------------------------------------------------------------ rows the parser refused
 
@@ -516,34 +1138,50 @@ class NatPipeline:
 
     def _slow(self, d: int, frames: np.ndarray, lengths: np.ndarray, rows: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per-row decisions for the misses; returns the rows to translate with their sessions."""
-        out_rows: list[int] = []
-        out_sess: list[int] = []
-        out_x: list[int] = []
-        out_p: list[int] = []
+        """Per-row decisions for the misses; returns the rows to translate with their sessions.
+
+        New sessions are planned row by row and published together at the end
+        (:meth:`_flush_new`); a row whose session could not be stored is dropped.
+        """
         if rows.size == 0:
             return self._empty, self._empty, self._empty, self._empty
+        out: list[tuple[int, int, int, int]] = []
         pb = self.pb
-        self._pending: dict[tuple[int, int], tuple[int, int, int]] = {}
         cols = [getattr(pb, f)[rows].tolist() for f in ("src", "dst", "proto", "sport", "dport", "ttl", "icmp_type", "tcp_flags")]
+        # The mapping of every row, looked up in one batch (the rows' own sessions were
+        # looked up by the caller: a row here has none, unless planned in this burst).
+        pr = pb.proto[rows]
+        if d == INSIDE:
+            pre = self._fwd_batch(pb.src[rows], pr, pb.sport[rows]).tolist()
+        else:
+            pre = self._rev_batch(pb.dst[rows], pr, pb.dport[rows]).tolist()
+        self._pre_ok = True  # cleared when the burst publishes early (the batch is then stale)
         for j, i in enumerate(rows.tolist()):
             src, dst, proto, sp, dp, ttl, itype, flags = (c[j] for c in cols)
             if d == INSIDE:
-                r = self._slow_in(frames, i, src, dst, proto, sp, dp, ttl, itype, flags)
+                r = self._slow_in(frames, i, src, dst, proto, sp, dp, ttl, itype, flags, pre[j])
             else:
-                r = self._slow_out(frames, i, src, dst, proto, sp, dp, ttl, itype, flags)
+                r = self._slow_out(frames, i, src, dst, proto, sp, dp, ttl, itype, flags, pre[j])
             if r is not None:
-                out_rows.append(i)
-                out_sess.append(r[0])
-                out_x.append(r[1])
-                out_p.append(r[2])
-        return (np.array(out_rows, np.intp), np.array(out_sess, np.int64), np.array(out_x, np.int64),
-                np.array(out_p, np.int64))
+                out.append((i, r[0], r[1], r[2]))
+        self._flush_new()
+        if not out:
+            return self._empty, self._empty, self._empty, self._empty
+        a = np.array(out, np.int64)
+        sess = a[:, 1]
+        pend = sess < -1
+        if pend.any():
+            sess[pend] = np.array(self._slots_done, np.int64)[-sess[pend] - 2]
+            good = sess >= 0
+            if not good.all():
+                self._count_drop("table_full", int((~good).sum()))
+                a, sess = a[good], sess[good]
+        return a[:, 0].astype(np.intp), sess, a[:, 2], a[:, 3]
 
     def _frame(self, frames: np.ndarray, i: int) -> bytearray:
         return bytearray(frames[i, : int(self.pb.l3_off[i]) + int(self.pb.ip_total_len[i])].tobytes())
 
-    def _slow_in(self, frames, i, src, dst, proto, sp, dp, ttl, itype, flags):
+    def _slow_in(self, frames, i, src, dst, proto, sp, dp, ttl, itype, flags, pre=None):
         if dst == self.own_ip[INSIDE] or dst == self.own_ip[OUTSIDE] and not (proto, dst, dp) in self.fwd_out:
             return self._local(INSIDE, frames, i, dst, proto, itype)
         if proto == IPPROTO_ICMP and itype in _ICMP_ERRORS:
@@ -554,12 +1192,9 @@ class NatPipeline:
             return self._count_drop("unsupported_protocol")
         if dst in self.pool_set or dst in self.one_out or (proto, dst, dp) in self.fwd_out:
             return self._hairpin(frames, i, src, dst, proto, sp, dp)
-        r = self._session_in2out(src, dst, proto, sp, dp, flags, frames, i)
-        if r is None:
-            return None
-        return r
+        return self._session_in2out(src, dst, proto, sp, dp, flags, frames, i, pre)
 
-    def _slow_out(self, frames, i, src, dst, proto, sp, dp, ttl, itype, flags):
+    def _slow_out(self, frames, i, src, dst, proto, sp, dp, ttl, itype, flags, pre=None):
         if proto == IPPROTO_ICMP and itype in _ICMP_ERRORS:
             return self._icmp_error(OUTSIDE, frames, i)
         fwd = (proto, dst, dp) in self.fwd_out
@@ -571,52 +1206,131 @@ class NatPipeline:
             return self._count_drop("unsupported_protocol")
         if proto == IPPROTO_ICMP and itype in (8, 13) and dst in self.pool_set and dst not in self.one_out:
             return self._local(OUTSIDE, frames, i, dst, proto, itype)
-        return self._session_out2in(src, dst, proto, sp, dp, flags, frames, i)
+        return self._session_out2in(src, dst, proto, sp, dp, flags, frames, i, pre)
 
-    # -- session creation
+    # -- lookups of the slow path
+
+    def _holders_ok(self, cand: np.ndarray, a: np.ndarray, proto: np.ndarray, port: np.ndarray, rev: bool
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorized :meth:`_holder_ok` of candidate slots; returns (ok, records)."""
+        rec = self.in2out.entries[np.where(cand >= 0, cand, 0)]
+        k1 = rec["key1"]
+        ia, _ = split_keys(rec["key0"], k1)
+        fl = rec["flags"]
+        ok = (cand >= 0) & (rec["state"] == USED) & ((fl == FLAG_SESSION) | (fl == FLAG_MAP)) \
+            & (((k1 >> _S32) & _U64(0xFF)) == proto)
+        if rev:
+            ok &= (rec["xaddr"] == a) & (rec["xport"] == port)
+        else:
+            ok &= (ia == a) & (((k1 >> _S16) & _U64(0xFFFF)) == port)
+        return ok, rec
+
+    def _fwd_batch(self, ia: np.ndarray, proto: np.ndarray, ip: np.ndarray) -> np.ndarray:
+        """:meth:`_fwd_find` of many (iaddr, proto, iport) at once: holder slots, -1 for none."""
+        ia, proto, ip = ia.astype(_U64), proto.astype(_U64), ip.astype(_U64)
+        cand = self.index.lookup(ia, (_U64(TAG_FWD) << _U64(48)) | (proto << _S32) | ip)
+        ok, _ = self._holders_ok(cand, ia, proto, ip, False)
+        res = np.where(ok, cand, -1)
+        for r in np.flatnonzero((cand >= 0) & ~ok).tolist():  # a colliding fingerprint: every hint
+            res[r] = self._fwd_find(int(ia[r]), int(proto[r]), int(ip[r]))
+        return res
+
+    def _rev_batch(self, xa: np.ndarray, proto: np.ndarray, xp: np.ndarray) -> np.ndarray:
+        """Holder slots of many (xaddr, proto, xport) at once (-1 for none)."""
+        xa, proto, xp = xa.astype(_U64), proto.astype(_U64), xp.astype(_U64)
+        cand = self.index.lookup(xa, (_U64(TAG_REV) << _U64(48)) | (proto << _S32) | xp)
+        ok, _ = self._holders_ok(cand, xa, proto, xp, True)
+        res = np.where(ok, cand, -1)
+        for r in np.flatnonzero((cand >= 0) & ~ok).tolist():
+            h = self._rev_find(int(xa[r]), int(proto[r]), int(xp[r]))
+            res[r] = -1 if h is None else h[0]
+        return res
 
     def _lookup1(self, table: SessionTable, k: tuple[int, int]) -> int:
-        idx = np.empty(1, np.int64)
-        hit = np.empty(1, bool)
-        table.lookup_batch(np.array([k[0]], _U64), np.array([k[1]], _U64), idx, hit)
-        return int(idx[0]) if hit[0] else -1
+        return int(self._t_lookup(np.array([k[0]], _U64), np.array([k[1]], _U64))[0])
 
-    def _insert1(self, table: SessionTable, k: tuple[int, int], **vals) -> int:
-        v = np.zeros(1, dtype=[(f, ELEMENT.fields[f][0]) for f in vals])
-        for f, x in vals.items():
-            v[f] = x
-        slot = table.insert_batch(np.array([k[0]], _U64), np.array([k[1]], _U64), v)
-        return int(slot[0])
+    def _holder_ok(self, s: int, key: tuple[int, int, int], rev: bool, table: SessionTable | None = None,
+                   rec=None) -> bool:
+        """Is the entry at ``s`` the holder of the mapping ``key`` ((iaddr, proto, iport), or with ``rev``
+        (xaddr, proto, xport))?"""
+        t = table or self.in2out
+        if s < 0 or s >= t.capacity:
+            return False
+        r = t.entries[s] if rec is None else rec
+        if r["state"] != USED or int(r["flags"]) not in (FLAG_SESSION, FLAG_MAP):
+            return False
+        a, _, _, p, pa, _ = split_key(int(r["key0"]), int(r["key1"]))
+        if rev:
+            return p == key[1] and int(r["xaddr"]) == key[0] and int(r["xport"]) == key[2]
+        return a == key[0] and p == key[1] and pa == key[2]
 
-    def _ref(self, table: SessionTable, slot: int, delta: int) -> int:
+    def _fwd_find(self, iaddr: int, proto: int, iport: int) -> int:
+        """Slot of the holder of the mapping of (iaddr, proto, iport): its session or its MAP entry; -1: none."""
+        k = (iaddr, proto, iport)
+        for c in self.index.candidates(*fwd_key(iaddr, proto, iport)):
+            if self._holder_ok(c, k, False):
+                return c
+        return -1
+
+    def _rev_find(self, xaddr: int, proto: int, xport: int, peer: tuple[SessionIndex, SessionTable] | None = None
+                  ) -> tuple[int, int, int] | None:
+        """(holder slot, iaddr, iport) of the mapping owning (xaddr, proto, xport), or None.
+
+        With ``peer`` (another worker's index and table, read-only) the entry is read with its seqlock."""
+        k = (xaddr, proto, xport)
+        idx, table = peer if peer is not None else (self.index, self.in2out)
+        for c in idx.candidates(*rev_key(xaddr, proto, xport)):
+            if c >= table.capacity:
+                continue
+            if peer is None:
+                rec = table.entries[c]
+            else:
+                recs, ok = table.read_consistent(np.array([c], np.int64), retries=8)
+                if not ok[0]:
+                    continue
+                rec = recs[0]
+            if self._holder_ok(c, k, True, table, rec):
+                a, _, _, _, pa, _ = split_key(int(rec["key0"]), int(rec["key1"]))
+                return c, a, pa
+        return None
+
+    def _ref(self, slot: int, delta: int) -> int:
         """Add ``delta`` to the reference count (``packets``) of a MAP/ADDR entry; returns the new count."""
-        c = int(table.entries["packets"][slot]) + delta
+        c = int(self.in2out.entries["packets"][slot]) + delta
         v = np.zeros(1, dtype=[("packets", "<u8")])
         v["packets"] = max(c, 0)
-        table.update_batch(np.array([slot], np.int64), v)
+        self.in2out.update_batch(np.array([slot], np.int64), v)
         return c
 
     def _full(self) -> bool:
-        return max(self.in2out.count, self.out2in.count) + 3 > self.max_entries
+        k = len(self._new)
+        return (self.in2out.count + 2 * k + 3 > self.max_entries
+                or self.index.count + 3 * k + 3 > self.max_hints)
 
     def _limit_drop(self, reason: str, frames, i, side: int) -> None:
         self._count_drop(reason)
         if self.nat.icmp_on_limit:
             self._icmp_to_sender(side, frames, i, 3, 13)
 
-    def _session_in2out(self, src, dst, proto, sp, dp, flags, frames, i):
+    # -- session creation: planned per row, published per burst
+
+    def _session_in2out(self, src, dst, proto, sp, dp, flags, frames, i, pre=None):
+        """The session of an inside packet, planned if new. ``pre``: the mapping holder from
+        :meth:`_fwd_batch` when the caller already looked the session up and found none."""
         rp = sp if proto == IPPROTO_ICMP else dp
         key = make_key(src, dst, proto, sp, rp)
         pend = self._pending.get(key)
         if pend is not None:
             return pend
-        slot = self._lookup1(self.in2out, key)
-        if slot >= 0:  # e.g. created earlier in this burst through a fragment
-            e = self.in2out.entries[slot]
-            return slot, int(e["xaddr"]), int(e["xport"])
+        if pre is None or not self._pre_ok:
+            slot = self._lookup1(self.in2out, key)
+            if slot >= 0:  # e.g. a fragment's or hairpinned flow's session
+                e = self.in2out.entries[slot]
+                return slot, int(e["xaddr"]), int(e["xport"])
+            pre = None
         # Static first (a port forward's own host, a 1:1 host), then the EIM mapping, then allocate.
         static = False
-        mslot = -1
+        pm = None
         if (proto, src, sp) in self.fwd_in:
             xa, xp = self.fwd_in[(proto, src, sp)]
             static = True
@@ -624,10 +1338,15 @@ class NatPipeline:
             xa, xp = self.one_in[src], sp
             static = True
         else:
-            mkey = make_key(src, 0, proto, sp, 0, TAG_MAP)
-            mslot = self._lookup1(self.in2out, mkey)
-            if mslot >= 0:
-                xa, xp = int(self.in2out.entries["xaddr"][mslot]), int(self.in2out.entries["xport"][mslot])
+            pm = self._pmaps.get((src, proto, sp))
+            if pm is None:
+                t = self._fwd_find(src, proto, sp) if pre is None else pre
+                if t >= 0:
+                    r = self.in2out.entries[t]
+                    pm = _PMap(src, sp, proto, int(r["xaddr"]), int(r["xport"]),
+                               "map" if int(r["flags"]) == FLAG_MAP else "sess", t)
+            if pm is not None:
+                xa, xp = pm.xa, pm.xp
         if self.host_session_limit and self._host_sessions.get(src, 0) >= self.host_session_limit:
             return self._limit_drop("quota_exceeded", frames, i, INSIDE)
         if self._full():
@@ -635,69 +1354,155 @@ class NatPipeline:
         hop = self.lpm.lookup(dst)
         if hop == MISS or self.hops[hop].port != "outside":
             return self._count_drop("no_route")
-        new_map = False
-        if not static and mslot < 0:
+        if not static and pm is None:
             a = self.alloc.allocate(proto, src, sp)
             if not a.ok:
                 reason = "quota_exceeded" if a.status in (AllocStatus.HOST_PORT_QUOTA, AllocStatus.HOST_TABLE_FULL) else "ports_exhausted"
                 return self._limit_drop(reason, frames, i, INSIDE)
             xa, xp = a.addr, a.port
-            new_map = True
+            pm = _PMap(src, sp, proto, xa, xp, "new")
         xrp = xp if proto == IPPROTO_ICMP else dp
         state = nat_tcp.CLOSED if (proto == IPPROTO_TCP and flags & 0x02 and not flags & 0x04) else nat_tcp.TRANS
-        return self._create(key, (dst, xa, proto, xrp, xp), src, sp, xa, xp, proto, state, static, new_map, mslot)
+        return self._plan(key, key, (dst, xa, proto, xrp, xp), src, sp, xa, xp, proto, state, static, pm, (xa, xp))
 
-    def _create(self, key, okey_parts, iaddr, iport, xa, xp, proto, state, static, new_map, mslot,
-                outside_first: bool = False):
+    def _plan(self, key, pkey, okey_parts, iaddr, iport, xa, xp, proto, state, static, pm, view):
+        """Plan a new session (published by :meth:`_flush_new`); returns (pending slot, translation)."""
         now = self.clock.now()
-        tcp_state = state if proto == IPPROTO_TCP else 0
-        slot = self._insert1(self.in2out, key, protocol=proto, tcp_state=tcp_state, flags=FLAG_STATIC if static else FLAG_SESSION,
-                             xaddr=xa, xport=xp, created=now, last_seen=now)
-        if slot < 0:
-            if new_map:
-                self.alloc.release(proto, xa, xp, iaddr)
-            return self._count_drop("table_full")
+        j = len(self._new)
         raddr, _, _, rport, _ = okey_parts
-        okey = make_key(raddr, xa, proto, rport, xp)
-        oslot = self._insert1(self.out2in, okey, protocol=proto, flags=FLAG_STATIC if static else FLAG_SESSION,
-                              xaddr=iaddr, xport=iport, created=now, last_seen=now, packets=slot)
-        if oslot < 0:
-            self.in2out.delete_batch(np.array([key[0]], _U64), np.array([key[1]], _U64))
-            if new_map:
-                self.alloc.release(proto, xa, xp, iaddr)
-            return self._count_drop("table_full")
-        if not static:
-            if new_map:
-                self._insert1(self.in2out, make_key(iaddr, 0, proto, iport, 0, TAG_MAP), protocol=proto, flags=FLAG_MAP,
-                              xaddr=xa, xport=xp, created=now, last_seen=now, packets=1)
-                self._insert1(self.out2in, make_key(0, xa, proto, 0, xp, TAG_MAP), protocol=proto, flags=FLAG_MAP,
-                              xaddr=iaddr, xport=iport, created=now, last_seen=now)
-            else:
-                self._ref(self.in2out, mslot, +1)
-            if self.filtering == Filtering.ADDRESS_DEPENDENT:
-                akey = make_key(raddr, xa, proto, 0, xp, TAG_ADDR)
-                aslot = self._lookup1(self.out2in, akey)
-                if aslot >= 0:
-                    self._ref(self.out2in, aslot, +1)
-                else:
-                    self._insert1(self.out2in, akey, protocol=proto, flags=FLAG_ADDR, created=now, last_seen=now, packets=1)
+        self._new.append((key[0], key[1], proto, state if proto == IPPROTO_TCP else 0,
+                          FLAG_STATIC if static else FLAG_SESSION, xa, xp, now, o2i_key(raddr, xa, proto, rport, xp),
+                          iaddr, raddr))
+        if pm is not None:
+            pm.added.append(j)
+            self._pmaps[(pm.iaddr, pm.proto, pm.iport)] = pm
+            self._pmaps_rev[(pm.xa, pm.proto, pm.xp)] = pm
         self._host_sessions[iaddr] = self._host_sessions.get(iaddr, 0) + 1
-        self.stats["sessions_created"] += 1
-        # The row is translated with its direction's view: in2out -> (xa, xp), out2in -> (iaddr, iport).
-        r = (slot, iaddr, iport) if outside_first else (slot, xa, xp)
-        self._pending[key if not outside_first else okey] = r
+        r = (-(self._new_base + j) - 2, view[0], view[1])
+        self._pending[pkey] = r
         return r
 
-    def _session_out2in(self, src, dst, proto, sp, dp, flags, frames, i):
-        """A new flow from outside: only what a static mapping or the filtering mode lets in."""
+    def _flush_new(self) -> None:
+        """Publish the planned sessions: one batch into ``in2out``, one into the index.
+
+        Appends the slot of each planned session to ``_slots_done`` (-1: not
+        stored, its row is dropped as table_full). Mappings shared by a second
+        session get their MAP entry here (a second, small insert) and their
+        hints move to it.
+        """
+        new, pmaps = self._new, self._pmaps
+        if not new:
+            return
+        self._new, self._pmaps, self._pmaps_rev = [], {}, {}
+        self._new_base += len(new)
+        m = len(new)
+        cols = list(zip(*new))
+        vals = np.zeros(m, dtype=[("protocol", "u1"), ("tcp_state", "u1"), ("flags", "u1"), ("xaddr", "<u4"),
+                                  ("xport", "<u2"), ("created", "<u4"), ("last_seen", "<u4")])
+        vals["protocol"], vals["tcp_state"], vals["flags"] = cols[2], cols[3], cols[4]
+        vals["xaddr"], vals["xport"], vals["created"], vals["last_seen"] = cols[5], cols[6], cols[7], cols[7]
+        idx = self.index
+        idx.begin()
+        slots = self.in2out.insert_batch(np.array(cols[0], _U64), np.array(cols[1], _U64), vals, update=False)
+        ok = slots >= 0
+        hk_a: list[int] = []
+        hk_b: list[int] = []
+        hv: list[int] = []
+        for j in np.flatnonzero(ok).tolist():
+            ka, kb = new[j][8]
+            hk_a.append(ka)
+            hk_b.append(kb)
+            hv.append(int(slots[j]))
+        for j in np.flatnonzero(~ok).tolist():  # not stored: undo its host count
+            ia = new[j][9]
+            c = self._host_sessions.get(ia, 0) - 1
+            if c > 0:
+                self._host_sessions[ia] = c
+            else:
+                self._host_sessions.pop(ia, None)
+        # Mappings: hints to a lone session, or a MAP entry for a shared one.
+        make_map: list[tuple[_PMap, int]] = []
+        for pm in pmaps.values():
+            used = [j for j in pm.added if ok[j]]
+            if pm.state == "new":
+                if not used:
+                    self.alloc.release(pm.proto, pm.xa, pm.xp, pm.iaddr)
+                elif len(used) == 1:
+                    self._add_holder_hints(pm, int(slots[used[0]]), hk_a, hk_b, hv)
+                else:
+                    make_map.append((pm, len(used)))
+            elif pm.state == "sess":
+                if used:
+                    make_map.append((pm, 1 + len(used)))
+            elif used:
+                self._ref(pm.target, len(used))
+        if make_map:
+            mk = [make_key(pm.iaddr, 0, pm.proto, pm.iport, 0, TAG_MAP) for pm, _ in make_map]
+            now = self.clock.now()
+            mv = np.zeros(len(mk), dtype=[("protocol", "u1"), ("flags", "u1"), ("xaddr", "<u4"), ("xport", "<u2"),
+                                          ("created", "<u4"), ("last_seen", "<u4"), ("packets", "<u8")])
+            mv["protocol"] = [pm.proto for pm, _ in make_map]
+            mv["flags"] = FLAG_MAP
+            mv["xaddr"] = [pm.xa for pm, _ in make_map]
+            mv["xport"] = [pm.xp for pm, _ in make_map]
+            mv["created"] = mv["last_seen"] = now
+            mv["packets"] = [c for _, c in make_map]
+            ms = self.in2out.insert_batch(np.array([k[0] for k in mk], _U64), np.array([k[1] for k in mk], _U64), mv,
+                                          update=False)
+            for (pm, _), s in zip(make_map, ms.tolist()):
+                if s < 0:
+                    # No room for the MAP entry: the mapping stays with one holder (refcount lost: counted).
+                    self.stats["index_full"] += 1
+                    if pm.state == "new":
+                        first = next(j for j in pm.added if ok[j])
+                        self._add_holder_hints(pm, int(slots[first]), hk_a, hk_b, hv)
+                    continue
+                if pm.state == "sess":
+                    idx.repoint(*fwd_key(pm.iaddr, pm.proto, pm.iport), pm.target, s)
+                    idx.repoint(*rev_key(pm.xa, pm.proto, pm.xp), pm.target, s)
+                else:
+                    self._add_holder_hints(pm, s, hk_a, hk_b, hv)
+        if hv:
+            stored = idx.insert_batch(np.array(hk_a, _U64), np.array(hk_b, _U64), np.array(hv, np.int64))
+            self.stats["index_full"] += int((~stored).sum())
+        idx.end()
+        if self.filtering == Filtering.ADDRESS_DEPENDENT:
+            for j in np.flatnonzero(ok).tolist():
+                if new[j][4] == FLAG_SESSION:
+                    self._addr_ref(new[j][10], new[j][5], new[j][2], new[j][6], +1)
+        self.stats["sessions_created"] += int(ok.sum())
+        self._slots_done.extend(slots.tolist())
+
+    @staticmethod
+    def _add_holder_hints(pm: _PMap, slot: int, ka: list[int], kb: list[int], v: list[int]) -> None:
+        for a, b in (fwd_key(pm.iaddr, pm.proto, pm.iport), rev_key(pm.xa, pm.proto, pm.xp)):
+            ka.append(a)
+            kb.append(b)
+            v.append(slot)
+
+    def _addr_ref(self, raddr: int, xa: int, proto: int, xp: int, delta: int) -> None:
+        """Address-dependent filtering: sessions of mapping (xa, xp) with remote ``raddr`` (an ADDR entry)."""
+        akey = make_key(raddr, xa, proto, 0, xp, TAG_ADDR)
+        a = self._lookup1(self.in2out, akey)
+        if a >= 0:
+            if self._ref(a, delta) <= 0:
+                self.in2out.delete_batch(np.array([akey[0]], _U64), np.array([akey[1]], _U64))
+        elif delta > 0:
+            v = np.zeros(1, dtype=[("protocol", "u1"), ("flags", "u1"), ("packets", "<u8")])
+            v["protocol"], v["flags"], v["packets"] = proto, FLAG_ADDR, delta
+            self.in2out.insert_batch(np.array([akey[0]], _U64), np.array([akey[1]], _U64), v)
+
+    def _session_out2in(self, src, dst, proto, sp, dp, flags, frames, i, pre=None):
+        """A new flow from outside: only what a static mapping or the filtering mode lets in.
+        ``pre``: the mapping holder of (dst, proto, dp) from :meth:`_rev_batch`."""
         xp = dp
         rp = dp if proto == IPPROTO_ICMP else sp
-        okey = make_key(src, dst, proto, rp, xp)
+        okey = o2i_key(src, dst, proto, rp, xp)
         pend = self._pending.get(okey)
         if pend is not None:
             return pend
         static = False
-        mslot = -1
+        pm = None
         if (proto, dst, dp) in self.fwd_out:
             ia, ip_ = self.fwd_out[(proto, dst, dp)]
             static = True
@@ -707,19 +1512,26 @@ class NatPipeline:
         else:
             if dst not in self.pool_set:
                 return self._count_drop("no_session")
-            mslot = self._lookup1(self.out2in, make_key(0, dst, proto, 0, xp, TAG_MAP))
-            if mslot < 0:
-                return self._count_drop("no_session")
+            pm = self._pmaps_rev.get((dst, proto, xp))
+            if pm is None:
+                if pre is not None and self._pre_ok:
+                    h = None
+                    if pre >= 0:
+                        r = self.in2out.entries[pre]
+                        a_, _, _, _, pa_, _ = split_key(int(r["key0"]), int(r["key1"]))
+                        h = (pre, a_, pa_)
+                else:
+                    h = self._rev_find(dst, proto, xp)
+                if h is None:
+                    return self._count_drop("no_session")
+                t, ia, ip_ = h
+                pm = _PMap(ia, ip_, proto, dst, xp, "map" if int(self.in2out.entries["flags"][t]) == FLAG_MAP else "sess", t)
+            ia, ip_ = pm.iaddr, pm.iport
             if self.filtering == Filtering.ADDRESS_AND_PORT_DEPENDENT:
                 return self._count_drop("filtered")
             if self.filtering == Filtering.ADDRESS_DEPENDENT and \
-                    self._lookup1(self.out2in, make_key(src, dst, proto, 0, xp, TAG_ADDR)) < 0:
+                    self._lookup1(self.in2out, make_key(src, dst, proto, 0, xp, TAG_ADDR)) < 0:
                 return self._count_drop("filtered")
-            ia = int(self.out2in.entries["xaddr"][mslot])
-            ip_ = int(self.out2in.entries["xport"][mslot])
-            mslot = self._lookup1(self.in2out, make_key(ia, 0, proto, ip_, 0, TAG_MAP))
-            if mslot < 0:
-                return self._count_drop("no_session")
         if self.host_session_limit and self._host_sessions.get(ia, 0) >= self.host_session_limit:
             return self._count_drop("quota_exceeded")
         if self._full():
@@ -730,8 +1542,7 @@ class NatPipeline:
         irp = ip_ if proto == IPPROTO_ICMP else sp
         key = make_key(ia, src, proto, ip_, irp)
         state = nat_tcp.CLOSED if (proto == IPPROTO_TCP and flags & 0x02 and not flags & 0x04) else nat_tcp.TRANS
-        return self._create(key, (src, dst, proto, rp, xp), ia, ip_, dst, xp, proto, state, static, False, mslot,
-                            outside_first=True)
+        return self._plan(key, okey, (src, dst, proto, rp, xp), ia, ip_, dst, xp, proto, state, static, pm, (ia, ip_))
 
     # -- hairpinning (RFC 4787 REQ-9): inside host to a pool address:port of another inside host
 
@@ -743,6 +1554,12 @@ class NatPipeline:
         if r is None:
             return None
         slot, xa, xp = r
+        if slot < -1:  # planned just now: publish it to have its slot
+            self._flush_new()
+            self._pre_ok = False
+            slot = self._slots_done[-slot - 2]
+            if slot < 0:
+                return self._count_drop("table_full")
         # 2. The receiver: a session of the worker owning dp, a static mapping, or its EIM mapping.
         target = self._hairpin_target(dst, proto, dp, xa, xp)
         if target is None:
@@ -762,20 +1579,15 @@ class NatPipeline:
             return self.fwd_out[(proto, dst, dp)]
         if dst in self.one_out:
             return self.one_out[dst], dp
-        tables = [self.out2in] + [t for t in getattr(self, "peer_out2in", {}).values()]
         owner = self._owner(dp)
-        if owner is not None and owner != self.worker and owner in getattr(self, "peer_out2in", {}):
-            tables = [self.peer_out2in[owner]]
-        mkey = make_key(0, dst, proto, 0, dp, TAG_MAP)
-        for t in tables:
-            if t is self.out2in:
-                s = self._lookup1(t, mkey)
-                if s >= 0:
-                    return int(t.entries["xaddr"][s]), int(t.entries["xport"][s])
-            else:
-                idx, recs, hits = t.lookup_consistent(np.array([mkey[0]], _U64), np.array([mkey[1]], _U64))
-                if hits[0]:
-                    return int(recs[0]["xaddr"]), int(recs[0]["xport"])
+        if owner is not None and owner != self.worker and owner in self.peers:
+            sources = [self.peers[owner]]
+        else:
+            sources = [None] + list(self.peers.values())
+        for peer in sources:
+            h = self._rev_find(dst, proto, dp, peer)
+            if h is not None:
+                return h[1], h[2]
         return None
 
     def _owner(self, port: int) -> int | None:
@@ -783,9 +1595,9 @@ class NatPipeline:
             return None
         return ((port - self.nat.port_lo) // self.nat.block) % self.nat.workers
 
-    def attach_peers(self, out2in_tables: dict[int, SessionTable]) -> None:
-        """Readers of the other workers' out2in tables, for hairpinning to their mappings."""
-        self.peer_out2in = {w: t for w, t in out2in_tables.items() if w != self.worker}
+    def attach_peers(self, peers: dict[int, tuple[SessionIndex, SessionTable]]) -> None:
+        """Readers of the other workers' (index, in2out), for hairpinning to their mappings."""
+        self.peers = {w: t for w, t in peers.items() if w != self.worker}
 
     # -- ICMP errors (RFC 5508 REQ-4/5)
 
@@ -816,10 +1628,11 @@ class NatPipeline:
             return self._count_drop("unsupported_protocol")
         if d == OUTSIDE:
             # The quoted packet is one we sent: src = our X:xport, dst = the remote.
-            slot = self._lookup1(self.out2in, make_key(edst, esrc, eproto, edp, esp))
+            slot = self._o2i_find(edst, esrc, eproto, edp, esp)
             if slot < 0:
                 return self._count_drop("no_session")
-            ia, ip_ = int(self.out2in.entries["xaddr"][slot]), int(self.out2in.entries["xport"][slot])
+            r = self.in2out.entries[slot]
+            ia, _, _, _, ip_, _ = split_key(int(r["key0"]), int(r["key1"]))
             rewrite_ip(b, e, "src", ia, ip_, end=end)
             rewrite_ip(b, l3, "dst", ia, None, l4=False)
             to, nh_dst = INSIDE, ia
@@ -977,17 +1790,16 @@ class NatPipeline:
 
     def _frag_translation(self, d, frames, i, src, dst, proto, ports, flags):
         sp, dp = ports
-        self._pending = {}
         if d == INSIDE:
             r = self._session_in2out(src, dst, proto, sp, dp, flags, frames, i)
             if r is None:
                 return None
             slot, xa, xp = r
             return ("src", xa, xp, self.lpm.lookup(dst), dst)
-        okey = make_key(src, dst, proto, dp if proto == IPPROTO_ICMP else sp, dp)
-        s = self._lookup1(self.out2in, okey)
+        s = self._o2i_find(src, dst, proto, dp if proto == IPPROTO_ICMP else sp, dp)
         if s >= 0:
-            ia, ip_ = int(self.out2in.entries["xaddr"][s]), int(self.out2in.entries["xport"][s])
+            r = self.in2out.entries[s]
+            ia, _, _, _, ip_, _ = split_key(int(r["key0"]), int(r["key1"]))
         else:
             r = self._session_out2in(src, dst, proto, sp, dp, flags, frames, i)
             if r is None:
@@ -1021,9 +1833,12 @@ class NatPipeline:
     # ------------------------------------------------------------------ time
 
     def tick(self, now: float | None = None) -> None:
-        """Expiry slice (sessions out of both tables, ports to the allocator's hold), neighbour
-        ageing, fragment timeouts, and adoption of neighbours published by the ARP worker."""
+        """Session accounting flush, expiry slice (sessions out of the table and index, ports to the
+        allocator's hold), neighbour ageing, fragment timeouts, and adoption of neighbours published
+        by the ARP worker."""
         t = self.clock.now()
+        if self._log_n and t != self._log_now:
+            self.flush()
         self.expire(t)
         for side in (INSIDE, OUTSIDE):
             nt = self.neigh[side]
@@ -1047,58 +1862,101 @@ class NatPipeline:
                 continue
             fl = e["flags"][slots]
             slots = slots[(fl == FLAG_SESSION) | (fl == FLAG_STATIC)]
+            if slots.size and self._log_n:
+                # The log may hold refreshes of these: write it, then look again.
+                self.flush()
+                slots = slots[expired_mask(now, e["last_seen"][slots], e["protocol"][slots], e["tcp_state"][slots],
+                                           e["state"][slots], self.sweeper.table)]
             for s in slots.tolist():
                 removed += self._remove_session(s)
         self.stats["sessions_expired"] += removed
         return removed
 
     def _remove_session(self, slot: int) -> int:
+        """Delete one session: hints first, then entries (each group inside the index's wseq)."""
         rec = self.in2out.entries[slot].copy()
         if rec["state"] != USED:
             return 0
         k0, k1 = int(rec["key0"]), int(rec["key1"])
-        iaddr, raddr = k0 >> 32, k0 & 0xFFFFFFFF
-        proto, iport, rport = (k1 >> 32) & 0xFF, (k1 >> 16) & 0xFFFF, k1 & 0xFFFF
+        iaddr, raddr, _, proto, iport, rport = split_key(k0, k1)
         xa, xp = int(rec["xaddr"]), int(rec["xport"])
         xrp = xp if proto == IPPROTO_ICMP else rport
-        okey = make_key(raddr, xa, proto, xrp, xp)
-        self.out2in.delete_batch(np.array([okey[0]], _U64), np.array([okey[1]], _U64))
-        self.in2out.delete_batch(np.array([k0], _U64), np.array([k1], _U64))
+        idx = self.index
+        idx.begin()
+        idx.delete(*o2i_key(raddr, xa, proto, xrp, xp), slot)
         c = self._host_sessions.get(iaddr, 0) - 1
         if c > 0:
             self._host_sessions[iaddr] = c
         else:
             self._host_sessions.pop(iaddr, None)
-        if int(rec["flags"]) == FLAG_STATIC:
-            return 1
-        if self.filtering == Filtering.ADDRESS_DEPENDENT:
-            akey = make_key(raddr, xa, proto, 0, xp, TAG_ADDR)
-            a = self._lookup1(self.out2in, akey)
-            if a >= 0 and self._ref(self.out2in, a, -1) <= 0:
-                self.out2in.delete_batch(np.array([akey[0]], _U64), np.array([akey[1]], _U64))
-        mkey = make_key(iaddr, 0, proto, iport, 0, TAG_MAP)
-        m = self._lookup1(self.in2out, mkey)
-        if m >= 0 and self._ref(self.in2out, m, -1) <= 0:
-            self.in2out.delete_batch(np.array([mkey[0]], _U64), np.array([mkey[1]], _U64))
-            rk = make_key(0, xa, proto, 0, xp, TAG_MAP)
-            self.out2in.delete_batch(np.array([rk[0]], _U64), np.array([rk[1]], _U64))
-            self.alloc.release(proto, xa, xp, iaddr)
+        if int(rec["flags"]) == FLAG_SESSION:
+            if self.filtering == Filtering.ADDRESS_DEPENDENT:
+                self._addr_ref(raddr, xa, proto, xp, -1)
+            holder = self._fwd_find(iaddr, proto, iport)
+            if holder == slot:  # the mapping's only session
+                idx.delete(*fwd_key(iaddr, proto, iport), slot)
+                idx.delete(*rev_key(xa, proto, xp), slot)
+                self.alloc.release(proto, xa, xp, iaddr)
+            elif holder >= 0 and self._ref(holder, -1) <= 0:  # the last session of a shared mapping
+                idx.delete(*fwd_key(iaddr, proto, iport), holder)
+                idx.delete(*rev_key(xa, proto, xp), holder)
+                mk = make_key(iaddr, 0, proto, iport, 0, TAG_MAP)
+                self.in2out.delete_batch(np.array([mk[0]], _U64), np.array([mk[1]], _U64))
+                self.alloc.release(proto, xa, xp, iaddr)
+        self.in2out.delete_batch(np.array([k0], _U64), np.array([k1], _U64))
+        idx.end()
         return 1
 
     # ------------------------------------------------------------------ introspection
 
     def sessions(self) -> list[dict[str, int]]:
-        """Every live session of this worker (slow; tests and CLI)."""
+        """Every live session of this worker (slow; tests and CLI). Flushes the accounting log first."""
+        self.flush()
         e = self.in2out.entries
         out = []
         for s in np.flatnonzero((e["state"] == USED) & ((e["flags"] == FLAG_SESSION) | (e["flags"] == FLAG_STATIC))).tolist():
             r = e[s]
-            k0, k1 = int(r["key0"]), int(r["key1"])
-            out.append({"slot": s, "iaddr": k0 >> 32, "raddr": k0 & 0xFFFFFFFF, "proto": (k1 >> 32) & 0xFF,
-                        "iport": (k1 >> 16) & 0xFFFF, "rport": k1 & 0xFFFF, "xaddr": int(r["xaddr"]),
+            ia, ra, _, proto, ip_, rp = split_key(int(r["key0"]), int(r["key1"]))
+            out.append({"slot": s, "iaddr": ia, "raddr": ra, "proto": proto,
+                        "iport": ip_, "rport": rp, "xaddr": int(r["xaddr"]),
                         "xport": int(r["xport"]), "tcp_state": int(r["tcp_state"]), "last_seen": int(r["last_seen"]),
                         "created": int(r["created"]), "packets": int(r["packets"]), "bytes": int(r["bytes"])})
         return out
+
+
+# ----------------------------------------------------------------------------- sizing and zones
+
+def table_capacity_for(config: GatewayConfig, workers: int | None = None) -> int:
+    """``in2out`` entries per worker: ``[nat] max_sessions`` over the workers at ``MAX_LOAD``, a power of two."""
+    ms = getattr(config.nat, "max_sessions", 0) or 0
+    if not ms:
+        return DEFAULT_TABLE_CAPACITY
+    w = workers or config.nat.workers
+    per = -(-int(ms) // w)
+    return max(1024, 1 << int(np.ceil(np.log2(per / MAX_LOAD))))
+
+
+def index_capacity_for(table_capacity: int) -> int:
+    """Index home positions for an ``in2out`` of ``table_capacity``: 3 hints per storable session at ``INDEX_LOAD``."""
+    return int(np.ceil(3 * table_capacity * MAX_LOAD / INDEX_LOAD))
+
+
+def memory_per_session(table_capacity: int = DEFAULT_TABLE_CAPACITY) -> dict[str, float]:
+    """Shared bytes per session from the zone sizes: ``in2out`` + index, at the most sessions they admit.
+
+    ``sessions`` is ``MAX_LOAD`` x capacity (one mapping per session, the usual
+    client case); a mapping shared by several sessions adds one 64-byte MAP
+    entry for all of them (and saves their FWD/REV hints but one pair).
+    """
+    from hotplane.shared.session_index import SessionIndex
+
+    t = SessionTable.zone_size(table_capacity)
+    i = SessionIndex.zone_size(index_capacity_for(table_capacity))
+    sessions = int(table_capacity * MAX_LOAD)
+    per = (t + i) / sessions
+    return {"entry_bytes": ELEMENT.itemsize, "hint_bytes": 8, "hints_per_session": 3, "table_load": MAX_LOAD,
+            "index_load": INDEX_LOAD, "table_capacity": table_capacity, "max_sessions": sessions,
+            "zone_bytes": t + i, "bytes_per_session": per, "sessions_in_1GiB": int((1 << 30) / per)}
 
 
 def private_zones(config: GatewayConfig, worker: int, clock: Clock, table_capacity: int = DEFAULT_TABLE_CAPACITY
@@ -1107,12 +1965,13 @@ def private_zones(config: GatewayConfig, worker: int, clock: Clock, table_capaci
     from hotplane.schema.nat import NEIGH_ENTRY, NEIGH_SLOTS
 
     t1 = SessionTable.create(_aligned(SessionTable.zone_size(table_capacity)), table_capacity, seed=worker * 2 + 1)
-    t2 = SessionTable.create(_aligned(SessionTable.zone_size(table_capacity)), table_capacity, seed=worker * 2 + 2)
+    icap = index_capacity_for(table_capacity)
+    ix = SessionIndex.create(_aligned(SessionIndex.zone_size(icap)), icap, seed=worker * 2 + 2, key_format=KEY_FORMAT)
     alloc = PortAllocator.for_worker(config, worker, clock)
     lpm = Lpm(64)
     fill_lpm(lpm, config)
     neigh = np.zeros(NEIGH_SLOTS, NEIGH_ENTRY)
-    return {"in2out": t1, "out2in": t2, "pool": alloc, "lpm": lpm, "neigh": neigh}
+    return {"in2out": t1, "index": ix, "pool": alloc, "lpm": lpm, "neigh": neigh}
 
 
 def build_pipeline(cfg: dict, worker_id: int, inst) -> NatPipeline:

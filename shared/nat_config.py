@@ -26,6 +26,7 @@ The file, key by key (every key is optional except where noted; see
     per_host_sessions = 10000           # 0 = unlimited; gateway-wide, see NatSection.per_worker_limit
     per_host_ports = 4096               # 0 = unlimited
     icmp_on_limit = false               # send ICMP 3/13 when a limit drops a new flow
+    max_sessions = 0                    # sessions the gateway holds (sizes the session zones); 0 = 2**18 entries per worker
 
     [nat.timeouts]                      # seconds
     udp = 300
@@ -85,6 +86,9 @@ import numpy as np
 MAX_POOL_ADDRESSES = 1024
 MAX_WORKERS = 64
 MIN_PORTS_PER_WORKER = 64
+#: Bounds of ``[nat] max_sessions`` (a session table holds at most 0.8 x 2**32 entries per worker; 2**30 total is ~115 GiB).
+MIN_SESSIONS = 1024
+MAX_SESSIONS = 1 << 30
 
 PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
 
@@ -201,6 +205,9 @@ class NatSection:
     timeouts: Timeouts = field(default_factory=Timeouts)
     fragments: FragmentLimits = field(default_factory=FragmentLimits)
     static: tuple[StaticMapping, ...] = ()
+    #: Sessions the gateway must hold, over all workers (sizes each worker's session
+    #: table and index; see secondary/nat_pipeline.table_capacity_for); 0 = the default size.
+    max_sessions: int = 0
 
     def pool_addresses(self) -> np.ndarray:
         """Every pool address as a sorted ``uint32`` array (host byte order values)."""
@@ -506,7 +513,7 @@ class _Validator:
     def nat(self, raw: Any, gw: GatewaySection | None) -> NatSection | None:
         p = "nat"
         t = self.table(raw, p, ("pool", "port_lo", "workers", "filtering", "per_host_sessions",
-                                "per_host_ports", "icmp_on_limit", "timeouts", "fragments", "static"))
+                                "per_host_ports", "icmp_on_limit", "max_sessions", "timeouts", "fragments", "static"))
         pool = self.pool(t, p, gw)
         port_lo = self.get(t, "port_lo", p, int, 1024,
                            check=lambda v: None if 1 <= v <= 65535 - MIN_PORTS_PER_WORKER
@@ -529,13 +536,16 @@ class _Validator:
         per_host_sessions = self.get(t, "per_host_sessions", p, int, 10000, check=nonneg)
         per_host_ports = self.get(t, "per_host_ports", p, int, 4096, check=nonneg)
         icmp_on_limit = self.get(t, "icmp_on_limit", p, bool, False)
+        max_sessions = self.get(t, "max_sessions", p, int, 0,
+                                check=lambda v: None if v == 0 or MIN_SESSIONS <= v <= MAX_SESSIONS
+                                else f"must be 0 (the default size) or from {MIN_SESSIONS} to {MAX_SESSIONS:_}")
         timeouts = self.timeouts(t.get("timeouts", {}), f"{p}.timeouts")
         fragments = self.fragments(t.get("fragments", {}), f"{p}.fragments")
         static = self.static(t.get("static", []), f"{p}.static", gw, pool)
         if pool is None:
             return None
         return NatSection(pool, port_lo, workers, filtering, per_host_sessions, per_host_ports,
-                          icmp_on_limit, timeouts, fragments, static)
+                          icmp_on_limit, timeouts, fragments, static, max_sessions)
 
     def pool(self, t: dict, p: str, gw: GatewaySection | None) -> tuple[PoolRange, ...] | None:
         raw = self.get(t, "pool", p, (list, str), None, required=True)

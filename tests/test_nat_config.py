@@ -271,3 +271,25 @@ def test_config_from_dict_wrong_types() -> None:
         config_from_dict({"gateway": [], "nat": {"pool": "198.18.1.0/28"}})
     errs = ei.value.errors
     assert any(e.startswith("gateway: expected a table, got an array") for e in errs), errs
+
+
+@pytest.mark.parametrize("value,expect", [
+    ("1000", "nat.max_sessions: must be 0 (the default size) or from 1024 to 1_073_741_824"),
+    ("2_000_000_000", "nat.max_sessions: must be 0 (the default size) or from 1024 to 1_073_741_824"),
+    ("-1", "nat.max_sessions: must be 0 (the default size) or from 1024"),
+    ('"10M"', "nat.max_sessions: expected an integer, got a string '10M'"),
+])
+def test_max_sessions_errors(value: str, expect: str) -> None:
+    msg = one_error(cfg("", nat=f'pool = ["198.18.1.0/28"]\nmax_sessions = {value}'))
+    assert msg.startswith(expect), msg
+
+
+def test_max_sessions_sizes_the_session_zones() -> None:
+    from hotplane.secondary.nat_pipeline import DEFAULT_TABLE_CAPACITY, MAX_LOAD, table_capacity_for
+
+    assert parse_config(cfg("")).nat.max_sessions == 0
+    assert table_capacity_for(parse_config(cfg(""))) == DEFAULT_TABLE_CAPACITY
+    c = parse_config(cfg("", nat='pool = ["198.18.1.0/28"]\nworkers = 2\nmax_sessions = 10_000_000'))
+    assert c.nat.max_sessions == 10_000_000
+    cap = table_capacity_for(c)  # per worker: 5M sessions at MAX_LOAD, a power of two
+    assert cap == 1 << 23 and cap * MAX_LOAD >= 5_000_000 and cap // 2 * MAX_LOAD < 5_000_000

@@ -196,7 +196,7 @@ def test_tcp_states_rst_trans_and_expiry():
     clk.advance(2)
     p.expire(clk.now(), rounds=64)
     assert p.sessions() == []
-    assert p.in2out.count == 0 and p.out2in.count == 0  # mapping gone too
+    assert p.in2out.count == 0 and p.index.count == 0  # mapping and hints gone too
     assert p.alloc.port_state(6, int(ipaddress.IPv4Address(x)), xp) == "held"  # RFC 6888 hold
 
 
@@ -447,3 +447,297 @@ def _shared_pipeline():
     if "p" not in _SHARED:
         _SHARED["p"] = make(filtering="address-and-port-dependent", cap=1 << 14)
     return _SHARED["p"]
+
+
+# ----------------------------------------------------------------------------- fast path, batching, index
+
+def _no_fast(p):
+    """Make ``p`` take the general path for everything (the reference for the fast path)."""
+    p._fast = lambda d, frames, lengths, valid, n: (np.zeros(0, np.intp), np.zeros(n, bool))
+    return p
+
+
+def _raw_run(p, direction, raws, slot=128):
+    frames = np.zeros((len(raws), slot), np.uint8)
+    lengths = np.zeros(len(raws), np.uint32)
+    for i, r in enumerate(raws):
+        frames[i, : len(r)] = np.frombuffer(r, np.uint8)
+        lengths[i] = len(r)
+    before = p.drops.copy()
+    to_other, _ = p.process(direction, frames, lengths, np.ones(len(raws), bool))
+    assert p.forwarded + p.punted + int((p.drops - before).sum()) == len(raws)
+    return frames, sorted(to_other.tolist()), p.drops - before
+
+
+def _burst_mix(rng, flows, direction, xmap=None):
+    """Packets of ``flows`` (some repeated) with IP options, TCP/UDP/ICMP, plus malformed rows."""
+    pkts = []
+    for _ in range(48):
+        proto, src, sport, dst, dport = flows[int(rng.integers(len(flows)))]
+        opts = rng.random() < 0.25
+        ip_kw = dict(options=[b"\x01\x01\x01\x00"]) if opts else {}  # NOP NOP NOP EOL: IHL 6
+        if direction == 1:
+            x, xp = xmap[(proto, src, sport, dst, dport)]
+            s_, sp_, d_, dp_ = dst, dport, x, xp
+            eth = Ether(src=PEER_MAC, dst=GW_OUT_MAC)
+        else:
+            s_, sp_, d_, dp_ = src, sport, dst, dport
+            eth = Ether(src=HOST_MAC, dst=GW_IN_MAC)
+        ip = IP(src=s_, dst=d_, ttl=int(rng.integers(2, 64)), **ip_kw)
+        if proto == "udp":
+            l4 = UDP(sport=sp_, dport=dp_) / (b"u" * int(rng.integers(0, 30)))
+        elif proto == "tcp":
+            l4 = TCP(sport=sp_, dport=dp_, flags="A") / b"t"
+        else:
+            l4 = ICMP(type=0 if direction == 1 else 8, id=dp_ if direction == 1 else sp_, seq=3) / b"i"
+        pkts.append(bytes(eth / ip / l4))
+    good = pkts[0]
+    pkts.append(good[:30])  # truncated inside the IPv4 header
+    bad = bytearray(good)
+    bad[24] ^= 0xFF  # IPv4 header checksum
+    pkts.append(bytes(bad))
+    pkts.append(bytes(Ether(src=HOST_MAC, dst=GW_IN_MAC) / IP(src="100.64.0.2", dst="198.18.0.2", ttl=1) / UDP(sport=1, dport=2)))
+    short_udp = bytearray(bytes(Ether(src=HOST_MAC, dst=GW_IN_MAC) / IP(src="100.64.0.2", dst="198.18.0.2") / UDP(sport=40000, dport=53) / b"abcd"))
+    short_udp[38:40] = (200).to_bytes(2, "big")  # UDP length beyond the datagram: malformed
+    pkts.append(bytes(short_udp))
+    order = rng.permutation(len(pkts))
+    return [pkts[i] for i in order]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fast_path_equals_general_path(seed):
+    """Mixed bursts (IHL 5 and IHL > 5, TCP/UDP/ICMP, repeated sessions, malformed rows) give the
+    same frames, the same accounting and the same sessions with and without the fast path."""
+    rng = np.random.default_rng(seed)
+    fast, _ = make(filtering="endpoint-independent")
+    slow, _ = make(filtering="endpoint-independent")
+    _no_fast(slow)
+    flows = [("udp", "100.64.0.2", 40000 + k, "198.18.0.2", 53) for k in range(6)] + \
+            [("tcp", "100.64.0.3", 41000 + k, "198.18.0.3", 443) for k in range(4)] + \
+            [("icmp", "100.64.0.4", 900 + k, "198.18.0.2", 900 + k) for k in range(3)]
+    # Sessions first (slow path in both), with a SYN for TCP.
+    first = []
+    for proto, src, sport, dst, dport in flows:
+        l4 = {"udp": UDP(sport=sport, dport=dport), "tcp": TCP(sport=sport, dport=dport, flags="S"),
+              "icmp": ICMP(type=8, id=sport)}[proto]
+        first.append(bytes(Ether(src=HOST_MAC, dst=GW_IN_MAC) / IP(src=src, dst=dst) / l4))
+    fa, ra, _ = _raw_run(fast, 0, first)
+    fb, rb, _ = _raw_run(slow, 0, first)
+    assert ra == rb and (fa == fb).all()
+    xmap = {}
+    for f, fl in zip(fa, flows):
+        o = Ether(f.tobytes())
+        xmap[fl] = (o[IP].src, o[UDP].sport if fl[0] == "udp" else o[TCP].sport if fl[0] == "tcp" else o[ICMP].id)
+    for direction in (0, 1, 0, 1):
+        raws = _burst_mix(rng, flows, direction, xmap)
+        fa, ra, da = _raw_run(fast, direction, raws)
+        fb, rb, db = _raw_run(slow, direction, raws)
+        assert ra == rb and (da == db).all()
+        assert (fa[ra] == fb[rb]).all()
+        for i in ra:
+            checks_ok(Ether(fa[i].tobytes()))
+        assert fast.forwarded >= len(ra) // 2  # most rows took the fast path
+    assert fast.stats["fast"] > 0 and slow.stats["fast"] == 0
+    sa = {(s["iaddr"], s["iport"], s["raddr"], s["rport"]): (s["packets"], s["bytes"], s["tcp_state"], s["last_seen"])
+          for s in fast.sessions()}
+    sb = {(s["iaddr"], s["iport"], s["raddr"], s["rport"]): (s["packets"], s["bytes"], s["tcp_state"], s["last_seen"])
+          for s in slow.sessions()}
+    assert sa == sb
+
+
+def test_fast_path_repeated_session_and_options_counted():
+    p, clk = make()
+    out, _, _ = run(p, 0, [out_udp()])
+    x, xp = out[0][IP].src, out[0][UDP].sport
+    clk.advance(5)
+    pk = [out_udp(payload=b"a" * 4), out_udp(payload=b"b" * 8),
+          out_udp(payload=b"c", options=[b"\x01\x01\x01\x00"]), out_udp(payload=b"d" * 2)]
+    fast0 = p.stats["fast"]
+    o, _, _ = run(p, 0, pk)
+    assert len(o) == 4 and p.forwarded == 4 and p.stats["fast"] - fast0 == 3  # the IHL 6 one: general path
+    for e in o:
+        assert e[IP].src == x and e[UDP].sport == xp and e[IP].ttl == 63
+        checks_ok(e)
+    assert o[-1][IP].ihl == 6  # fast-path rows come first, then the general path's
+    s = p.sessions()[0]
+    assert s["packets"] == 5 and s["last_seen"] == clk.now()
+    assert s["bytes"] == sum(len(bytes(k[IP])) for k in [out_udp()] + pk)
+
+
+def test_fast_path_tcp_state_changes_written():
+    p, _ = make()
+    syn = Ether(src=HOST_MAC, dst=GW_IN_MAC) / IP(src="100.64.0.2", dst="198.18.0.2") / TCP(sport=33001, dport=80, flags="S")
+    o, _, _ = run(p, 0, [syn])
+    x, xp = o[0][IP].src, o[0][TCP].sport
+    fast0 = p.stats["fast"]
+    sa = Ether(src=PEER_MAC, dst=GW_OUT_MAC) / IP(src="198.18.0.2", dst=x) / TCP(sport=80, dport=xp, flags="SA")
+    fin = Ether(src=HOST_MAC, dst=GW_IN_MAC) / IP(src="100.64.0.2", dst="198.18.0.2") / TCP(sport=33001, dport=80, flags="FA")
+    run(p, 1, [sa])
+    assert p.sessions()[0]["tcp_state"] == nat_tcp.ESTABLISHED
+    run(p, 0, [fin, fin])  # two packets of one session in one burst, applied in order
+    assert p.sessions()[0]["tcp_state"] == nat_tcp.IN_FIN_RCV
+    assert p.stats["fast"] - fast0 == 3
+
+
+def test_vlan_and_odd_frames_take_the_general_path():
+    p, _ = make()
+    run(p, 0, [out_udp()])
+    from scapy.layers.l2 import Dot1Q
+    tagged = Ether(src=HOST_MAC, dst=GW_IN_MAC) / Dot1Q(vlan=5) / IP(src="100.64.0.2", dst="198.18.0.2") / UDP(sport=40000, dport=53)
+    runt = Ether(bytes(out_udp())[:20])
+    out, _, _ = run(p, 0, [tagged, out_udp(), runt])
+    assert p.stats["fast"] >= 1
+    assert len(out) == 2  # the runt is dropped, never forwarded
+    for e in out:
+        checks_ok(e)
+
+
+def test_shared_mapping_gets_a_map_entry_and_is_released():
+    p, clk = make(filtering="endpoint-independent")
+    a, _, _ = run(p, 0, [out_udp(dst="198.18.0.2", dport=1)])
+    x, xp = a[0][IP].src, a[0][UDP].sport
+    ent = p.in2out.entries
+    from hotplane.secondary.nat_pipeline import FLAG_MAP
+    assert int(np.count_nonzero((ent["state"] == 1) & (ent["flags"] == FLAG_MAP))) == 0  # a lone session holds it
+    assert p.index.count == 3  # reply hint + FWD + REV
+    b, _, _ = run(p, 0, [out_udp(dst="198.18.0.3", dport=2), out_udp(dst="198.18.0.4", dport=3)])
+    assert all((e[IP].src, e[UDP].sport) == (x, xp) for e in b)
+    maps = np.flatnonzero((ent["state"] == 1) & (ent["flags"] == FLAG_MAP))
+    assert maps.size == 1 and int(ent["packets"][maps[0]]) == 3 and p.index.count == 5
+    # Endpoint-independent filtering: a new remote reaches the inside host through the shared mapping.
+    r, _, _ = run(p, 1, [Ether(src=PEER_MAC, dst=GW_OUT_MAC) / IP(src="198.18.0.3", dst=x) / UDP(sport=9, dport=xp)])
+    assert r[0][IP].dst == "100.64.0.2" and r[0][UDP].dport == 40000
+    assert int(ent["packets"][maps[0]]) == 4
+    clk.advance(400)
+    p.expire(clk.now(), rounds=64)
+    assert p.sessions() == [] and p.in2out.count == 0 and p.index.count == 0
+    assert p.alloc.port_state(17, int(ipaddress.IPv4Address(x)), xp) == "held"
+    assert p.index.audit() == [] and p.in2out.audit() == []
+
+
+def test_batched_creation_one_burst_many_flows_and_duplicates():
+    p, _ = make()
+    pk = [out_udp(sport=30000 + k) for k in range(40)] + [out_udp(sport=30000), out_udp(sport=30001)]
+    ins0 = p.in2out.stats()["inserts"]
+    out, _, _ = run(p, 0, pk)
+    assert len(out) == 42 and p.stats["sessions_created"] == 40
+    assert p.in2out.stats()["inserts"] - ins0 == 40  # one batch (no shared mapping: no MAP entries)
+    assert len({e[UDP].sport for e in out[:40]}) == 40
+    assert out[40][UDP].sport == out[0][UDP].sport and out[41][UDP].sport == out[1][UDP].sport
+    assert p.index.count == 120
+    # Replies find every session (through the index) on the fast path.
+    rep = [Ether(src=PEER_MAC, dst=GW_OUT_MAC) / IP(src="198.18.0.2", dst=e[IP].src) / UDP(sport=53, dport=e[UDP].sport)
+           for e in out[:40]]
+    back, _, _ = run(p, 1, rep)
+    assert sorted(b[UDP].dport for b in back) == list(range(30000, 30040)) and p.forwarded == 40
+
+
+def test_index_rebuilt_after_a_writer_died_mid_group():
+    cfg = parse_config(CFG.format(filtering="endpoint-independent", sessions=0, ports=0))
+    from hotplane.secondary.nat_pipeline import private_zones
+    clk = ManualClock(1000)
+    zones = private_zones(cfg, 0, clk, 1 << 12)
+    p = NatPipeline(cfg, 0, zones, clock=clk)
+    _teach_pipeline(p)
+    out, _, _ = run(p, 0, [out_udp(sport=31000 + k) for k in range(10)])
+    # A writer killed inside a group: wseq odd, hints half written (here: all lost).
+    zones["index"].begin()
+    zones["index"].entries[:] = 0
+    q = NatPipeline(cfg, 0, zones, clock=clk)
+    _teach_pipeline(q)
+    assert q.stats["index_rebuilds"] == 1 and not q.index.needs_rebuild and q.index.count == 30
+    rep = [Ether(src=PEER_MAC, dst=GW_OUT_MAC) / IP(src="198.18.0.2", dst=e[IP].src) / UDP(sport=53, dport=e[UDP].sport)
+           for e in out]
+    back, _, _ = run(q, 1, rep)
+    assert len(back) == 10 and q.forwarded == 10
+    again, _, _ = run(q, 0, [out_udp(sport=31000, dst="198.18.0.3")])  # EIM still holds after the rebuild
+    assert (again[0][IP].src, again[0][UDP].sport) == (out[0][IP].src, out[0][UDP].sport)
+
+
+def _teach_pipeline(p):
+    for side, (ip, mac, gw) in enumerate((("100.64.0.2", HOST_MAC, "100.64.0.1"), ("198.18.0.2", PEER_MAC, "198.18.0.1"))):
+        run(p, side, [Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, psrc=ip, hwsrc=mac, pdst=gw)])
+    run(p, 1, [Ether(src=PEER_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, psrc="198.18.0.3", hwsrc=PEER_MAC, pdst="198.18.0.1")])
+    p.emit.clear()
+
+
+def test_lean_lookup_agrees_with_the_table():
+    p, _ = make(cap=1 << 12)
+    assert p._lean
+    rng = np.random.default_rng(5)
+    k0 = rng.integers(0, 2**63, 3200, dtype=np.uint64)
+    k1 = rng.integers(0, 2**63, 3200, dtype=np.uint64)
+    slots = p.in2out.insert_batch(k0, k1)  # load ~0.78
+    for _ in range(3):
+        p.in2out.delete_batch(k0[::7], k1[::7])  # tombstones in the chains
+        p.in2out.insert_batch(k0[::7], k1[::7])
+    q0 = np.concatenate([k0[:600], rng.integers(0, 2**63, 200, dtype=np.uint64)])
+    q1 = np.concatenate([k1[:600], rng.integers(0, 2**63, 200, dtype=np.uint64)])
+    ref = np.empty(q0.size, np.int64)
+    p.in2out.lookup_batch(q0, q1, ref, np.empty(q0.size, bool))
+    assert (p._t_lookup(q0, q1) == ref).all() and (ref[:600] >= 0).all() and (ref[600:] == -1).all()
+    del slots
+
+
+def test_memory_per_session_fits_10M_in_1GiB():
+    from hotplane.secondary.nat_pipeline import memory_per_session
+    m = memory_per_session(1 << 24)
+    assert m["bytes_per_session"] <= 107.4 and m["sessions_in_1GiB"] >= 10_000_000
+
+
+def test_zones_reserve_attach_restart_and_peers(tmp_path):
+    """The primary's zones: in2out + index per worker; a restarted worker re-attaches; peers hairpin."""
+    from hotplane.primary.nat_zones import attach_nat_zones, reserve_nat_zones
+    from hotplane.shared.memzone import Directory
+    from hotplane.shared.runtime import FileLock
+
+    cfg = parse_config(CFG.format(filtering="endpoint-independent", sessions=0, ports=0).replace("workers = 1", "workers = 2"))
+    raw = np.zeros((64 << 20) + 4096, np.uint8)
+    mem = raw[(-raw.ctypes.data) % 4096:][: 64 << 20]
+    d = Directory.format(mem, FileLock(tmp_path / "lock"), "t", base=mem.ctypes.data, hugepage_size=4096)
+    clk = ManualClock(1000)
+    made = reserve_nat_zones(d, cfg, 2, table_capacity=1 << 12, clock=clk)
+    assert made["nat.w0.in2out"] and made["nat.w1.index"] and "nat.w0.out2in" not in made
+    p0 = NatPipeline(cfg, 0, attach_nat_zones(d, 0, cfg, clk), clock=clk)
+    _teach_pipeline(p0)
+    lo, _ = cfg.nat.worker_port_range(0)
+    out, _, _ = run(p0, 0, [out_udp(sport=lo + 10)])
+    x, xp = out[0][IP].src, out[0][UDP].sport
+    # Restart: a new pipeline on the same zones keeps the session and its hints.
+    again = reserve_nat_zones(d, cfg, 2, table_capacity=1 << 12, clock=clk)
+    assert not any(v for k, v in again.items() if k.startswith("nat.w"))
+    p0b = NatPipeline(cfg, 0, attach_nat_zones(d, 0, cfg, clk), clock=clk)
+    _teach_pipeline(p0b)
+    assert p0b.stats["index_rebuilds"] == 0 and len(p0b.sessions()) == 1
+    back, _, _ = run(p0b, 1, [Ether(src=PEER_MAC, dst=GW_OUT_MAC) / IP(src="198.18.0.2", dst=x) / UDP(sport=53, dport=xp)])
+    assert back[0][UDP].dport == lo + 10 and p0b.forwarded == 1
+    # Worker 1 finds worker 0's mapping through its index and table (read with the seqlock).
+    p1 = NatPipeline(cfg, 1, attach_nat_zones(d, 1, cfg, clk), clock=clk)
+    assert p1._hairpin_target(int(ipaddress.IPv4Address(x)), 17, xp, 0, 0) == (int(ipaddress.IPv4Address("100.64.0.2")), lo + 10)
+
+
+def test_suspend_and_resume_hand_over_the_writer_role():
+    """Hot upgrade: the old pipeline suspends (log written, roles released), a reader-built one resumes."""
+    from hotplane.secondary.nat_pipeline import private_zones
+    from hotplane.shared.session_index import SessionIndex
+    from hotplane.shared.session_table import SessionTable
+
+    cfg = parse_config(CFG.format(filtering="endpoint-independent", sessions=0, ports=0))
+    clk = ManualClock(1000)
+    zones = private_zones(cfg, 0, clk, 1 << 12)
+    old = NatPipeline(cfg, 0, zones, clock=clk)
+    _teach_pipeline(old)
+    out, _, _ = run(old, 0, [out_udp(sport=32000), out_udp(sport=32000)])
+    assert old._log_n == 2
+    # The candidate attaches read-only while the old one still writes.
+    ro = dict(zones, in2out=SessionTable.attach(zones["in2out"]._buf), index=SessionIndex.attach(zones["index"].buf))
+    new = NatPipeline(cfg, 0, ro, clock=clk)
+    assert not new.in2out.is_writer and not new.index.writer
+    old.suspend()
+    assert old._log_n == 0 and not old.in2out.is_writer and not old.index.writer
+    new.resume()
+    _teach_pipeline(new)
+    assert new.in2out.is_writer and new.index.writer and new.sessions()[0]["packets"] == 2
+    back, _, _ = run(new, 1, [Ether(src=PEER_MAC, dst=GW_OUT_MAC) / IP(src="198.18.0.2", dst=out[0][IP].src)
+                              / UDP(sport=53, dport=out[0][UDP].sport)])
+    assert len(back) == 1 and new.forwarded == 1
