@@ -95,9 +95,16 @@ def reserve_nat_zones(directory, config: GatewayConfig, workers: int, *, table_c
         hdr["lpm_offset"], hdr["lpm_bytes"] = lpm_off, lpm_bytes
         hdr["neigh_offset"], hdr["neigh_slots"] = total - NEIGH_SLOTS * NEIGH_ENTRY.itemsize, NEIGH_SLOTS
         hdr["tbl8_groups"] = TBL8_GROUPS
-    # Routes come from the config at every start (fresh table, then the identity).
-    lpm = Lpm.create(z.view[lpm_off:lpm_off + lpm_bytes], TBL8_GROUPS)
-    fill_lpm(lpm, config)
+    # Routes come from the config at every start, built aside first: a restarted primary
+    # must not empty the table live workers are reading. Unchanged routes leave the zone
+    # untouched; changed ones are copied in (a short window of mixed old/new entries).
+    raw = np.zeros(lpm_bytes + 64, np.uint8)
+    skew = -raw.ctypes.data % 64
+    scratch = raw[skew:skew + lpm_bytes]  # the LPM wants cache-line alignment, as in the zone
+    fill_lpm(Lpm.create(scratch, TBL8_GROUPS), config)
+    live = z.view[lpm_off:lpm_off + lpm_bytes]
+    if created or not np.array_equal(live, scratch):
+        live[:] = scratch
     if created:
         stamp(hdr, NAT_LPM)
     out["nat.lpm"] = created

@@ -329,6 +329,10 @@ def fill_lpm(lpm: Lpm, config: GatewayConfig) -> NextHops:
     return hops
 
 
+NEIGH_QUEUE = 1024
+NEIGH_QUEUE_BYTES = 4 << 20
+
+
 class NeighbourMirror:
     """Published neighbours (see schema/nat.py): written by the worker that receives ARP, read by all."""
 
@@ -463,8 +467,11 @@ class NatPipeline:
         self.max_hints = int(self.index.capacity * INDEX_LOAD)
 
         self.neigh = (
-            NeighbourTable(self.clock, self.own_ip[0]),
-            NeighbourTable(self.clock, self.own_ip[1], own=outside_own),
+            # Up to a ring's worth of packets per next hop may arrive in the time one ARP
+            # exchange takes (workers that do not receive ARP learn via the mirror on tick):
+            # hold them, bounded in bytes, rather than drop them.
+            NeighbourTable(self.clock, self.own_ip[0], queue_len=NEIGH_QUEUE, max_queued_bytes=NEIGH_QUEUE_BYTES),
+            NeighbourTable(self.clock, self.own_ip[1], own=outside_own, queue_len=NEIGH_QUEUE, max_queued_bytes=NEIGH_QUEUE_BYTES),
         )
         self.frag = FragmentTracker.from_limits(self.nat.fragments, self.clock)
         cursor = 0 if self.zone_header is None else int(self.zone_header["expiry_cursor"][0])

@@ -482,6 +482,9 @@ class Worker:
                 idle_sleep = IDLE_SLEEP_MIN
         if self.owned and not self.fenced():
             self.suspend_tables()
+        flush = getattr(self.pipeline, "flush", None)
+        if flush is not None:
+            flush()  # per-session counters batched in this process reach shared memory
         self.release_queues()
         return self.exit_code
 
