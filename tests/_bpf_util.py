@@ -12,6 +12,10 @@ from __future__ import annotations
 from hotplane.shared import bpf as b
 
 
+class UnsupportedInstruction(Exception):
+    """A cBPF instruction this test interpreter does not model (the kernel may still accept it)."""
+
+
 class _Abort(Exception):
     pass
 
@@ -70,13 +74,13 @@ def run(prog, frame: bytes, *, pkttype: int = 0, ifindex: int = 1, mac_len: int 
                     elif ad == b.SKF_AD_IFINDEX:
                         A = ifindex
                     else:
-                        raise NotImplementedError(f"ancillary load {ad}")
+                        raise UnsupportedInstruction(f"ancillary load {ad}")
                 elif mode == b.ABS:
                     A = _load(frame, _signed32(k), _SIZES[size], mac_len=mac_len)
                 elif mode == b.IND:
                     A = _load(frame, X + _signed32(k), _SIZES[size], mac_len=mac_len)
                 else:
-                    raise NotImplementedError(hex(code))
+                    raise UnsupportedInstruction(hex(code))
             elif cls == b.LDX:
                 mode = code & 0xE0
                 if mode == b.IMM:
@@ -88,7 +92,7 @@ def run(prog, frame: bytes, *, pkttype: int = 0, ifindex: int = 1, mac_len: int 
                 elif mode == b.MSH:
                     X = (_load(frame, _signed32(k), 1, mac_len=mac_len) & 0xF) * 4
                 else:
-                    raise NotImplementedError(hex(code))
+                    raise UnsupportedInstruction(hex(code))
             elif cls == b.ST:
                 M[k] = A
             elif cls == b.STX:
@@ -119,7 +123,7 @@ def run(prog, frame: bytes, *, pkttype: int = 0, ifindex: int = 1, mac_len: int 
                 elif op == b.XOR:
                     A = A ^ v
                 else:
-                    raise NotImplementedError(hex(code))
+                    raise UnsupportedInstruction(hex(code))
                 A &= 0xFFFF_FFFF
             elif cls == b.JMP:
                 op = code & 0xF0
@@ -137,6 +141,6 @@ def run(prog, frame: bytes, *, pkttype: int = 0, ifindex: int = 1, mac_len: int 
                 else:
                     X = A
             else:
-                raise NotImplementedError(hex(code))
+                raise UnsupportedInstruction(hex(code))
     except _Abort:
         return 0
