@@ -630,7 +630,7 @@ class Supervisor:
                 if up * 1e9 < limit_ns or (hb and now_ns - hb < limit_ns):
                     continue
                 age = "never" if not hb else f"{(now_ns - hb) / 1e9:.1f}s ago"
-                self.say(f"{p.name}: pid {p.machine.pid} missed its heartbeats (last {age}, limit {misses} x {interval:g}s): it hangs", "error")
+                self.say(f"{p.name}: pid {p.machine.pid} missed its heartbeats (last heartbeat {age}, limit {misses} x {interval:g}s): it hangs", "error")
                 if not self._fence_hung(p):
                     self.feed(p, HeartbeatMissed())
 

@@ -34,7 +34,12 @@ def gateway(instance):
     pin = attach_ring_port(inst.directory, "ring:in")
     pout = attach_ring_port(inst.directory, "ring:out")
     counters = CounterBlocks.attach(inst.directory.lookup("counters").view)
-    yield instance, inst, pin, pout, counters
+    try:
+        yield instance, inst, pin, pout, counters
+    finally:
+        # Unmap, or every test would leave a fixed-address mapping in this process.
+        del pin, pout, counters
+        inst.close()
 
 
 def start_worker(instance, wid: int = 0) -> subprocess.Popen:
