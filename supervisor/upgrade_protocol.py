@@ -79,6 +79,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
+# The timer and log actions are the same ones the process state machine emits: one shell
+# vocabulary for both machines.
+from hotplane.supervisor.process_state import ArmTimer, CancelTimer, Log  # noqa: F401
+
 # --------------------------------------------------------------------------- enums
 
 
@@ -328,24 +332,6 @@ class KillProcess:
 @dataclass(frozen=True)
 class RestartOld:
     unit: str
-
-
-@dataclass(frozen=True)
-class ArmTimer:
-    name: str
-    seconds: float
-    token: int
-
-
-@dataclass(frozen=True)
-class CancelTimer:
-    name: str
-
-
-@dataclass(frozen=True)
-class Log:
-    level: str
-    message: str
 
 
 @dataclass(frozen=True)
