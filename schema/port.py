@@ -38,8 +38,12 @@ queues never write the same line::
              line 1 (drop reasons): rx_runt u8 | rx_oversized u8 | rx_truncated u8
                            | rx_bad_descriptor u8 | tx_oversized u8 | pad
 
-``owner`` is the ownership word ``owner_pid << 32 | generation`` (0 = unowned;
-see :func:`pack_owner`). ``rx_cursor`` is the next RX slot to read and
+``owner`` is the ownership word ``busy << 63 | owner_pid << 32 | generation``
+(0 = unowned; see :func:`pack_owner`). ``busy`` is set by the owner, by
+compare-and-swap, for the length of every pass that touches the queue, so a
+fence knows atomically whether the owner may still be writing
+(``shared/queue_owner.py``). Version 2 added ``busy``: a version-1 build would
+read it as part of the pid, so it refuses these zones instead. ``rx_cursor`` is the next RX slot to read and
 ``tx_cursor`` the next TX slot to fill, as free-running counters (slot =
 cursor % nslots), so a replacement worker resumes exactly where the previous
 one stopped (DESIGN invariant 1). Every field is written by the queue's owner
@@ -146,10 +150,10 @@ QUEUE_STATE = registry.register(
     registry.Layout(
         name="queue_state",
         schema_id=6,
-        version=1,
+        version=2,
         header=QUEUE_STATE_HEADER,
         element=QUEUE_STATE_RECORD,
-        doc="per-queue ownership word (owner_pid<<32 | generation), RX/TX cursors and queue counters, 128 bytes per queue",
+        doc="per-queue ownership word (busy<<63 | owner_pid<<32 | generation), RX/TX cursors and queue counters, 128 bytes per queue",
     )
 )
 
@@ -158,14 +162,23 @@ assert QUEUE_STATE_RECORD.fields["rx_cursor"][1] == W_RX_CURSOR * 8
 assert QUEUE_STATE_RECORD.fields["tx_oversized"][1] == W_TX_OVERSIZED * 8
 
 
+#: The owner is inside a pass (bit 63: Linux pids stay below 2**22, PID_MAX_LIMIT).
+OWNER_BUSY = 1 << 63
+
+
 def pack_owner(pid: int, generation: int) -> int:
-    """The ownership word for ``pid`` at ``generation`` (both 32-bit); 0 means unowned."""
-    if not (0 <= pid < 1 << 32 and 0 <= generation < 1 << 32):
-        raise ValueError(f"owner pid {pid} and generation {generation} must each fit 32 bits")
+    """The ownership word (busy clear) for ``pid`` (31-bit) at ``generation`` (32-bit); 0 means unowned."""
+    if not (0 <= pid < 1 << 31 and 0 <= generation < 1 << 32):
+        raise ValueError(f"owner pid {pid} must fit 31 bits and generation {generation} 32 bits")
     return (pid << 32) | generation
 
 
 def unpack_owner(word: int) -> tuple[int, int]:
-    """``(owner_pid, generation)`` from an ownership word."""
+    """``(owner_pid, generation)`` from an ownership word (the busy bit is not part of either)."""
     word = int(word)
-    return word >> 32, word & 0xFFFF_FFFF
+    return (word >> 32) & 0x7FFF_FFFF, word & 0xFFFF_FFFF
+
+
+def owner_busy(word: int) -> bool:
+    """Is the owner inside a pass over the queue?"""
+    return bool(int(word) & OWNER_BUSY)

@@ -54,14 +54,10 @@ from hotplane.shared.burst import rx_burst, rx_release, tx_burst
 from hotplane.shared.counters import CounterBlocks
 from hotplane.shared.eal import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, parse_or_exit
 from hotplane.shared.instance import InstanceError, eal_init
-from hotplane.shared.queue_owner import QueueBusy, claim, release, still_mine
+from hotplane.shared.queue_owner import QueueBusy, claim, enter, leave, owner_word, release, still_mine
 from hotplane.shared.ready import report_ready
 
 EXIT_FENCED = 3  # another process owns our queue now: exit without touching it
-
-
-class _Fenced(Exception):
-    """Raised inside a pass when the ownership word changed under us."""
 
 IDLE_SLEEP_MIN = 20e-6
 IDLE_SLEEP_MAX = 1e-3
@@ -183,9 +179,11 @@ class Worker:
             self.pipeline = make_pipeline(cfg, worker_id, inst)
             self.tables = [t for t in (getattr(self.pipeline, "in2out", None), getattr(self.pipeline, "out2in", None)) if t is not None and getattr(t, "is_writer", False)]
         self.stop = False
-        self.tokens: list[tuple[np.ndarray, int]] = []
+        # (ownership word, token) of every owned queue: a pass marks them busy (queue_owner.enter).
+        self.tokens: list[tuple] = []
         # Upgrade role: queue name -> (queue, token) while owned; requests from the control thread.
         self.queues = {f"inside/{worker_id}": self.inq, f"outside/{worker_id}": self.outq}
+        self.words = {name: owner_word(q.words) for name, q in self.queues.items()}
         self.owned: dict[str, int] = {}
         self.parked = candidate
         self.inbox: collections.deque = collections.deque()
@@ -204,27 +202,57 @@ class Worker:
         from hotplane.shared.burst import reconcile
         from hotplane.shared.queue_owner import owner_of
 
-        for name, q in self.queues.items():
-            prev_pid, _ = owner_of(q.words)
-            tok = claim(q.words, prefix=self.inst.prefix)
-            self.owned[name] = tok
-            if prev_pid and prev_pid != os.getpid():  # the previous owner died holding the queue: repair its cursors
+        taken_from: dict[str, int] = {}
+        for name in self.queues:
+            prev_pid, _ = owner_of(self.words[name])
+            self.owned[name] = claim(self.words[name], prefix=self.inst.prefix)
+            if prev_pid and prev_pid != os.getpid():
+                taken_from[name] = prev_pid
+        self._sync_tokens()
+        if not taken_from:
+            return
+        # The previous owner died holding the queue: repair its cursors, inside a pass like every write.
+        if not self.enter_pass():
+            raise QueueBusy("queues fenced right after the claim")
+        try:
+            for name, prev_pid in taken_from.items():
+                q = self.queues[name]
                 moved = reconcile(q)
                 if moved["rx"] or moved["tx"]:
                     print(f"worker {self.id}: queue {q.qid} taken over from dead pid {prev_pid}: cursors repaired {moved}", file=sys.stderr)
-        self._sync_tokens()
+        finally:
+            self.leave_pass()
 
     def _sync_tokens(self) -> None:
-        self.tokens = [(self.queues[n].words, t) for n, t in self.owned.items()]
+        self.tokens = [(self.words[n], t) for n, t in self.owned.items()]
 
     def release_queues(self) -> None:
-        for words, tok in self.tokens:
-            release(words, tok)
+        for word, tok in self.tokens:
+            release(word, tok)
         self.owned.clear()
         self._sync_tokens()
 
-    def fenced(self) -> bool:
-        return not all(still_mine(w, t) for w, t in self.tokens)
+    def enter_pass(self) -> bool:
+        """Mark every owned queue busy before touching any of them; False (nothing marked) when fenced.
+
+        Everything the worker writes to shared memory -- TX and RX slots,
+        cursors, counters, heartbeat, session tables -- happens between this
+        and :meth:`leave_pass`. A fence that finds the mark kills us instead of
+        handing the queues on, so a pass is never finished on a lost queue.
+        """
+        for i, (word, tok) in enumerate(self.tokens):
+            if not enter(word, tok):
+                for w, t in self.tokens[:i]:
+                    leave(w, t)
+                return False
+        return True
+
+    def leave_pass(self) -> bool:
+        """Clear the busy marks; False if a queue was taken during the pass (only a forced claim over us can)."""
+        ok = True
+        for word, tok in self.tokens:
+            ok = leave(word, tok) and ok
+        return ok
 
     # ------------------------------------------------------------------ upgrade control
 
@@ -267,7 +295,7 @@ class Worker:
                     q = params.get("queue")
                     if q not in self.queues:
                         raise ValueError(f"no queue {q!r} here (have {', '.join(self.queues)})")
-                    if q in self.owned and still_mine(self.queues[q].words, self.owned[q]):
+                    if q in self.owned and still_mine(self.words[q], self.owned[q]):
                         reply({"claimed": q, "pid": os.getpid(), "already": True})
                         continue
                     deadline = time.monotonic() + float(params.get("timeout", 5.0))
@@ -320,10 +348,12 @@ class Worker:
     def park(self) -> None:
         """The old side of a swap: stop at this burst boundary, release tables then queues."""
         last = self.last_pass_ns or time.monotonic_ns()
+        if not self.enter_pass():
+            raise QueueBusy("this worker's queues were fenced: nothing to release")
         self.suspend_tables()
         for name, tok in list(self.owned.items()):
             self._stamp(name, old_last_burst_ns=last, old_token=tok)
-            release(self.queues[name].words, tok)
+            release(self.words[name], tok)
             self._stamp(name, released_ns=time.monotonic_ns())
         self.owned.clear()
         self._sync_tokens()
@@ -337,14 +367,25 @@ class Worker:
         for name in list(self.armed):
             force, deadline, replies = self.armed[name]
             q = self.queues[name]
-            pid, _ = owner_of(q.words)
+            pid, _ = owner_of(self.words[name])
             if pid == 0 or force or pid == os.getpid():
-                tok = claim(q.words, force=True)
+                try:
+                    tok = claim(self.words[name], force=True)
+                except QueueBusy:
+                    # Its owner is alive inside a pass (a dying process not reaped yet): keep spinning.
+                    if now > deadline:
+                        del self.armed[name]
+                        for r in replies:
+                            r(TimeoutError(f"{name}: still owned by pid {pid}, inside a pass, after the claim deadline"))
+                    continue
+                if not enter(self.words[name], tok):
+                    continue  # fenced between the claim and the mark: it is not ours after all
                 self._stamp(name, claimed_ns=time.monotonic_ns(), new_token=tok)
                 if pid and pid != os.getpid():
                     from hotplane.shared.burst import reconcile
 
                     reconcile(q)  # a forced claim over a hung or dead owner: repair its cursors
+                leave(self.words[name], tok)
                 self.owned[name] = tok
                 del self.armed[name]
                 self._sync_tokens()
@@ -353,12 +394,15 @@ class Worker:
                 del self.armed[name]
                 for r in replies:
                     r(TimeoutError(f"{name}: still owned by pid {pid} after the claim deadline"))
-        if len(self.owned) == len(self.queues) and self.parked:
-            self.resume_tables()
-            self.parked = False
-            # Counters continue (no reset, no restart counted); the block shows who writes it now.
-            self.counters.start(__version__, self.inst.generation, count_restart=False)
-            self.first_burst_due = True
+        if len(self.owned) == len(self.queues) and self.parked and self.enter_pass():
+            try:
+                self.resume_tables()
+                self.parked = False
+                # Counters continue (no reset, no restart counted); the block shows who writes it now.
+                self.counters.start(__version__, self.inst.generation, count_restart=False)
+                self.first_burst_due = True
+            finally:
+                self.leave_pass()
         if self._pending_claim_replies and not self.parked:
             for r in self._pending_claim_replies:
                 r({"claimed": True, "pid": os.getpid()})
@@ -380,15 +424,11 @@ class Worker:
         p.emit.clear()
 
     def poll_once(self, max_burst: int) -> int:
-        """One pass over both directions; returns how many packets were received."""
+        """One pass over both directions (inside enter_pass/leave_pass); returns how many packets were received."""
         total = 0
         p = self.pipeline
         c = self.counters
         for direction, rxq, otherq in ((0, self.inq, self.outq), (1, self.outq, self.inq)):
-            # Re-check ownership right before touching a queue: a worker SIGSTOPped inside
-            # this loop and resumed after being fenced must not finish its pass.
-            if self.fenced():
-                raise _Fenced()
             b = rx_burst(rxq, max_burst)
             n = b.n
             if n == 0:
@@ -403,8 +443,6 @@ class Worker:
                     if cnt:
                         c.count_drop(int(reason), cnt)
             to_other, to_same = p.process(direction, frames, lengths, b.valid)
-            if self.fenced():
-                raise _Fenced()  # the burst stays unreleased: the successor processes it
             sent_bytes = 0
             sent = 0
             if to_other.size:
@@ -450,29 +488,32 @@ class Worker:
                 else:
                     time.sleep(IDLE_SLEEP_MIN * 10)
                 continue
-            if self.fenced():
+            if not self.enter_pass():
                 print(f"worker {self.id}: queue ownership taken by another process: stopping without touching the queues", file=sys.stderr)
                 return EXIT_FENCED
             try:
                 n = self.poll_once(max_burst)
-            except _Fenced:
-                print(f"worker {self.id}: queue ownership taken by another process mid-pass: stopping without touching the queues", file=sys.stderr)
+                now_ns = time.monotonic_ns()
+                self.last_pass_ns = now_ns
+                if self.first_burst_due:
+                    self.first_burst_due = False
+                    for name in self.owned:
+                        self._stamp(name, new_first_burst_ns=now_ns)
+                    if hasattr(self.pipeline, "_rebuild_host_counts"):
+                        self.pipeline._rebuild_host_counts()  # per-host limits from the table as handed over
+                now = now_ns / 1e9
+                c.beat(now_ns)
+                if now >= next_tick:
+                    self.pipeline.tick(now)
+                    if self.pipeline.emit:
+                        self._send_emitted()
+                    next_tick = now + TICK_INTERVAL
+            finally:
+                left = self.leave_pass()
+            if not left:
+                print(f"worker {self.id}: queue ownership taken by another process during a pass: stopping", file=sys.stderr)
                 return EXIT_FENCED
-            now_ns = time.monotonic_ns()
-            self.last_pass_ns = now_ns
-            if self.first_burst_due:
-                self.first_burst_due = False
-                for name in self.owned:
-                    self._stamp(name, new_first_burst_ns=now_ns)
-                if hasattr(self.pipeline, "_rebuild_host_counts"):
-                    self.pipeline._rebuild_host_counts()  # per-host limits from the table as handed over
-            now = now_ns / 1e9
-            c.beat(now_ns)
-            if now >= next_tick:
-                self.pipeline.tick(now)
-                if self.pipeline.emit:
-                    self._send_emitted()
-                next_tick = now + TICK_INTERVAL
+            # Between passes nothing is marked busy: a stop here can be fenced without a kill.
             if n == 0 and not busy_poll and not self.inbox:
                 # Two cores are shared by every process here: back off while idle
                 # (DPDK's power-management idea) instead of spinning.
@@ -480,12 +521,15 @@ class Worker:
                 idle_sleep = min(idle_sleep * 2, IDLE_SLEEP_MAX)
             else:
                 idle_sleep = IDLE_SLEEP_MIN
-        if self.owned and not self.fenced():
+        if self.owned:
+            if not self.enter_pass():
+                print(f"worker {self.id}: queue ownership taken by another process: stopping without touching the queues", file=sys.stderr)
+                return EXIT_FENCED
+            flush = getattr(self.pipeline, "flush", None)
+            if flush is not None:
+                flush()  # per-session counters batched in this process reach shared memory
             self.suspend_tables()
-        flush = getattr(self.pipeline, "flush", None)
-        if flush is not None:
-            flush()  # per-session counters batched in this process reach shared memory
-        self.release_queues()
+            self.release_queues()  # from busy straight to unowned
         return self.exit_code
 
 

@@ -404,11 +404,12 @@ class Chaos:
     def _wait_queues(self, wid: int, old_words: dict[str, int], kill_ns: int, r: Result, t_kill: float) -> None:
         """Queue polled again by a new owner (word changed, poll after the kill), then frames flowing."""
         from hotplane.schema.port import W_LAST_POLL_NS, W_OWNER, W_RX_FRAMES, unpack_owner
+        from hotplane.shared.queue_owner import token_of
 
         qs = self.probe.queues_of(wid)
 
         def polled():
-            return all(int(w[W_OWNER]) != old_words[port] and unpack_owner(int(w[W_OWNER]))[0] != 0 and int(w[W_LAST_POLL_NS]) > kill_ns
+            return all(token_of(int(w[W_OWNER])) != old_words[port] and unpack_owner(int(w[W_OWNER]))[0] != 0 and int(w[W_LAST_POLL_NS]) > kill_ns
                        for port, w in qs)
 
         if wait_for(polled, self.a.recovery_timeout):
@@ -425,11 +426,12 @@ class Chaos:
 
     def _kill_program(self, f: Fault, r: Result) -> None:
         from hotplane.schema.port import W_OWNER
+        from hotplane.shared.queue_owner import token_of
 
         name = f.program
         r.pid = self._pid_of(name)
         wid = int(name.split("-")[1]) if name.startswith("worker-") else None
-        old_words = {port: int(w[W_OWNER]) for port, w in self.probe.queues_of(wid)} if wid is not None else {}
+        old_words = {port: token_of(int(w[W_OWNER])) for port, w in self.probe.queues_of(wid)} if wid is not None else {}
         kill_ns = time.monotonic_ns()
         t_kill = time.monotonic()
         os.kill(r.pid, signal.SIGKILL)
@@ -447,19 +449,20 @@ class Chaos:
     def _inject_stop(self, f: Fault, r: Result) -> None:
         """SIGSTOP a worker (a hang), hold, SIGCONT if it is still there; see who polls its queues."""
         from hotplane.schema.port import W_LAST_POLL_NS, W_OWNER, unpack_owner
+        from hotplane.shared.queue_owner import token_of
 
         name = f.program
         wid = int(name.split("-")[1])
         hold = self.a.stop_for if self.a.stop_for is not None else self.hb_limit + self.stop_wait + 1.5
         r.detail["hold_s"] = round(hold, 2)
         r.pid = self._pid_of(name)
-        old_words = {port: int(w[W_OWNER]) for port, w in self.probe.queues_of(wid)}
+        old_words = {port: token_of(int(w[W_OWNER])) for port, w in self.probe.queues_of(wid)}
         kill_ns = time.monotonic_ns()
         t_stop = time.monotonic()
         os.kill(r.pid, signal.SIGSTOP)
         self.log(f"#{f.seq} SIGSTOP {name} pid {r.pid} for {hold:.1f}s")
         # Replaced: every queue polled, after the stop, by an owner other than the stopped worker.
-        replaced = wait_for(lambda: all(int(w[W_OWNER]) != old_words[p] and unpack_owner(int(w[W_OWNER]))[0] not in (0, r.pid)
+        replaced = wait_for(lambda: all(token_of(int(w[W_OWNER])) != old_words[p] and unpack_owner(int(w[W_OWNER]))[0] not in (0, r.pid)
                                         and int(w[W_LAST_POLL_NS]) > kill_ns for p, w in self.probe.queues_of(wid)), hold, step=0.02)
         if replaced:
             r.detail["fenced_after_s"] = round(time.monotonic() - t_stop, 3)

@@ -554,8 +554,8 @@ class Supervisor:
         and it has just proven (pid + start time + token) that the owner is gone, so it
         hands the queue back: owner 0, generation kept.
         """
-        from hotplane.schema.port import W_OWNER, pack_owner, unpack_owner
         from hotplane.shared.burst import QueueState
+        from hotplane.shared.queue_owner import hand_back, owner_of
 
         self._attach_memory()
         if self.inst is None:
@@ -565,9 +565,8 @@ class Supervisor:
                 continue
             qs = QueueState.attach(z.view)
             for i in range(qs.nqueues):
-                pid, gen = unpack_owner(int(qs.words[i][W_OWNER]))
-                if pid in dead:
-                    qs.words[i][W_OWNER] = pack_owner(0, gen)
+                pid, _ = owner_of(qs.words[i])
+                if pid in dead and hand_back(qs.words[i], pid):
                     self.say(f"{z.name[:-6]} queue {i}: released for a successor (owner {dead[pid]} pid {pid} is gone)")
 
     # ------------------------------------------------------------------ memory: heartbeats and figures
@@ -637,43 +636,55 @@ class Supervisor:
     def _fence_hung(self, p: Program) -> bool:
         """Fence a hung worker by generation and start its replacement now (DESIGN invariant 1).
 
-        Its queues' ownership words get a new generation with no owner, and the
-        writer role of its session tables is cleared: the replacement claims both
-        at once, while the hung process is still stopped. If it ever resumes it
-        sees the word changed and exits without touching the queues. It is
-        SIGKILLed after a grace period in case it is stuck in a loop instead.
+        Each of its queues' ownership words gets a new generation while the worker is
+        idle (queue_owner.fence); then the words are freed and the writer role of its
+        session tables is cleared, and the replacement claims both at once while the
+        hung process is still stopped. If it ever resumes, its next pass cannot start
+        and it exits without touching the queues. It is SIGKILLed after a grace period
+        in case it is stuck in a loop instead.
+
+        A worker hung *inside* a pass (its words marked busy) cannot be fenced: no
+        word stops a pass already running. It is SIGKILLed at once and its queues
+        are taken over as a dead owner's (cursors repaired); returns True then too.
         Returns False when nothing was fenced (the normal stop path applies).
         """
-        from hotplane.schema.port import QUEUE_STATE, W_OWNER, pack_owner, unpack_owner
+        from hotplane.schema.port import QUEUE_STATE
         from hotplane.shared.burst import QueueState
+        from hotplane.shared.queue_owner import FENCE_BUSY, FENCED, fence, hand_back
 
         pid, wid = p.machine.pid, p.worker_id
         if self.inst is None or pid is None or wid is None:
             return False
-        fenced = 0
-        for z in self.inst.directory.list():
-            try:
+        rows, tables = [], []
+        try:
+            for z in self.inst.directory.list():
                 if z.schema_id == QUEUE_STATE.schema_id:
                     qs = QueueState.attach(z.view)
                     if wid < qs.nqueues:
-                        w = qs.words[wid]
-                        opid, gen = unpack_owner(int(w[W_OWNER]))
-                        if opid == pid:
-                            w[W_OWNER] = pack_owner(0, (gen + 1) & 0xFFFFFFFF)
-                            fenced += 1
+                        rows.append(qs.words[wid])
                 elif z.name.startswith(f"nat.w{wid}."):
                     lay = z.layout
                     if lay.header is not None and "writer_pid" in lay.header.names:
-                        h = z.header(lay)
-                        if int(h[0]["writer_pid"]) == pid:
-                            h[0]["writer_pid"] = 0
-            except Exception as e:  # a zone this build cannot read: fall back to stopping the worker
-                self.say(f"{p.name}: cannot fence via zone {z.name}: {e}", "warning")
-                return False
+                        tables.append(z.header(lay))
+        except Exception as e:  # a zone this build cannot read: fall back to stopping the worker
+            self.say(f"{p.name}: cannot fence through the queue-state zones: {e}", "warning")
+            return False
+        outcomes = [fence(w, pid) for w in rows]
+        if FENCE_BUSY in outcomes:
+            self.say(f"{p.name}: hung pid {pid} is inside a pass (queue marked busy): a generation cannot stop it; killing it now, "
+                     "its successor repairs the cursors it left", "warning")
+            self.feed(p, HeartbeatMissed(kill_now=True))
+            return True
+        fenced = [w for w, o in zip(rows, outcomes) if o == FENCED]
         if not fenced:
             return False
+        for w in fenced:
+            hand_back(w, pid)
+        for h in tables:
+            if int(h[0]["writer_pid"]) == pid:
+                h[0]["writer_pid"] = 0
         child = p.child
-        self.say(f"{p.name}: fenced hung pid {pid} ({fenced} queue(s), new generation); starting its replacement now", "warning")
+        self.say(f"{p.name}: fenced hung pid {pid} ({len(fenced)} queue(s), new generation); starting its replacement now", "warning")
         if child is not None:
             def reap_or_kill() -> None:
                 if getattr(child, "exit", None) is None:

@@ -216,7 +216,14 @@ class Exited:
 
 @dataclass(frozen=True)
 class HeartbeatMissed:
-    """The process stopped sending heartbeats over the IPC channel: it hangs."""
+    """The process stopped sending heartbeats over the IPC channel: it hangs.
+
+    ``kill_now``: it hangs inside a critical section (a worker mid-pass) where a
+    SIGTERM can do nothing useful and every moment it lives blocks its successor:
+    SIGKILL at once instead of SIGTERM and the stop deadline.
+    """
+
+    kill_now: bool = False
 
 
 @dataclass(frozen=True)
@@ -515,14 +522,14 @@ class ProcessMachine:
         self._set(State.BACKOFF, now, why, out)
         self._arm("backoff", delay, out)
 
-    def _begin_stop(self, reason: StopReason, now: float, why: str, out: list[Action]) -> None:
-        """Signal the process (if it exists yet) and arm the SIGKILL deadline."""
+    def _begin_stop(self, reason: StopReason, now: float, why: str, out: list[Action], *, kill: bool = False) -> None:
+        """Signal the process (if it exists yet) and arm the SIGKILL deadline (``kill``: SIGKILL now)."""
         self._cancel_all(out)
         self.stop_reason = reason
-        self.kill_sent = False
+        self.kill_sent = kill
         self._set(State.STOPPING, now, why, out)
         if self.pid is not None:
-            out.append(SendSignal(self.pid, self.config.stopsignal))
+            out.append(SendSignal(self.pid, int(_signal.SIGKILL) if kill else self.config.stopsignal))
             self._arm("stop", self.config.stopwaitsecs, out)
         # else: the spawn is still in flight; Spawned will send the signal.
 
@@ -678,8 +685,8 @@ class ProcessMachine:
         if self.pid is None:
             return
         if self.state in UP_STATES:
-            out.append(Log("error", f"{self.name}: pid {self.pid} missed its heartbeats: stopping it"))
-            self._begin_stop(StopReason.HUNG, now, "missed heartbeats", out)
+            out.append(Log("error", f"{self.name}: pid {self.pid} missed its heartbeats: {'killing' if ev.kill_now else 'stopping'} it"))
+            self._begin_stop(StopReason.HUNG, now, "missed heartbeats", out, kill=ev.kill_now)
         elif self.state is State.STARTING:
             out.append(Log("error", f"{self.name}: pid {self.pid} missed its heartbeats while starting"))
             self._begin_stop(StopReason.START_FAILED, now, "missed heartbeats while starting", out)

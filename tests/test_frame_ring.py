@@ -33,7 +33,7 @@ def new_ring(nslots=16, frame_size=256, **kw) -> FrameRing:
 
 
 def test_layouts_registered_with_their_ids():
-    assert registry.get(5, 1) is FRAME_RING and registry.get(6, 1) is QUEUE_STATE
+    assert registry.get(5, 1) is FRAME_RING and registry.get(6, 2) is QUEUE_STATE
     assert TPACKET2_HDR.itemsize == 32
     offs = {n: TPACKET2_HDR.fields[n][1] for n in TPACKET2_HDR.names}
     assert offs == {"tp_status": 0, "tp_len": 4, "tp_snaplen": 8, "tp_mac": 12, "tp_net": 14, "tp_sec": 16, "tp_nsec": 20, "tp_vlan_tci": 24, "tp_vlan_tpid": 26, "tp_padding": 28}

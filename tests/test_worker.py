@@ -204,3 +204,62 @@ def test_worker_bad_id_and_no_instance(instance):
     assert r.returncode == 1 and "start its primary first" in r.stderr
     r = instance.run(["worker", *instance.eal()])
     assert r.returncode == 2
+
+
+def _load(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def test_a_worker_stopped_inside_a_pass_cannot_be_fenced_and_an_idle_one_is(gateway):
+    """DESIGN invariant 1 against SIGSTOP at any instruction: the fence refuses a worker stopped
+    mid-pass (it may be between any two stores of its burst), and fences an idle one for good."""
+    from hotplane.shared.queue_owner import FENCE_BUSY, FENCED, fence, hand_back
+
+    instance, inst, pin, pout, counters = gateway
+    w = start_worker(instance)
+    words = [pin.queues[0].words, pout.queues[0].words]
+    gen = Generator(FlowSet.make(16, "udp", 100, dst_mac=GW_INSIDE_MAC), burst=64)
+    rng = np.random.default_rng(3)
+    out = np.zeros((256, 2048), np.uint8)
+    ln = np.zeros(256, np.uint32)
+
+    def feed():  # keep the worker busy: frames in, frames out
+        pout.peer_recv(256, out, ln)
+        k = min(pin.rx_rings[0].peer_space(), 64)
+        if k:
+            fr, l = gen.fill(rng.integers(0, 16, k))
+            pin.peer_send(fr, l)
+
+    try:
+        assert _load("_stop_util").stop_when(w.pid, words[0], True, feed), "never caught the worker inside a pass"
+        before = [int(x[W_OWNER]) for x in words]
+        assert fence(words[0], w.pid) == FENCE_BUSY
+        assert [int(x[W_OWNER]) for x in words] == before, "a refused fence changes nothing"
+        w.send_signal(signal.SIGCONT)
+        # Resumed, it is still the owner and carries on.
+        for _ in range(50):
+            feed()
+        assert w.poll() is None
+
+        assert _load("_stop_util").stop_when(w.pid, words[0], False), "never caught the worker between passes"
+        assert all(fence(x, w.pid) == FENCED for x in words)
+        assert all(hand_back(x, w.pid) for x in words)
+        snap = [(int(x[W_OWNER]), int(x[W_RX_CURSOR]), int(x[2]), int(x[3])) for x in words]
+        feed()  # frames waiting for a poller that must not come
+        w.send_signal(signal.SIGCONT)
+        assert w.wait(timeout=20) == 3, "a fenced worker, resumed, exits with EXIT_FENCED"
+        assert [(int(x[W_OWNER]), int(x[W_RX_CURSOR]), int(x[2]), int(x[3])) for x in words] == snap, \
+            "the resumed worker touched its queues (owner, RX/TX cursor or last poll moved)"
+    finally:
+        if w.poll() is None:
+            w.send_signal(signal.SIGCONT)
+            w.kill()
+            w.wait(10)

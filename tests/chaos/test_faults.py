@@ -1,10 +1,10 @@
 """Fault detection (issue 7, item 2), with real processes:
 
-* a SIGSTOPped worker is found by its missed heartbeats and replaced; a worker whose
-  queues were fenced (ownership generation bumped) while it was stopped exits when
-  resumed, without touching the queues; the issue's full requirement -- the supervisor
-  fences the stopped worker and starts its replacement *while it is still stopped* --
-  is an expected failure (strict) until supervisor/main.py does it (see the report);
+* a SIGSTOPped worker is found by its missed heartbeats and replaced. Stopped between
+  passes, it is fenced (ownership generation bumped) and replaced *while still stopped*,
+  and exits when resumed without touching the queues. Stopped inside a pass (its
+  ownership word busy), it cannot be fenced -- it may be between any two stores of its
+  burst -- so the supervisor kills it before anyone takes its queues;
 * an IPC connection cut (half a frame, garbage, a client killed mid-stream) on the
   supervisor's and the primary's sockets: both carry on;
 * a full log disk (the logs on a 64 KiB tmpfs): the supervisor says so clearly and
@@ -40,6 +40,7 @@ def _load(name: str):
 
 
 u = _load("_supervisor_util")
+stop_util = _load("_stop_util")
 UP = ["--daemon", "--no-huge", "--socket-mem", "160", "--rate", "800", "--stats-listen", "127.0.0.1:0",
       "--heartbeat-interval", "0.2", "--heartbeat-misses", "5", "--stop-wait", "2"]
 
@@ -113,13 +114,44 @@ def test_a_stopped_worker_is_fenced_and_replaced_while_still_stopped(tree) -> No
     old = u.programs(p)["worker-0"]["pid"]
     mem, words = _queue_words(inst, 0)
     try:
-        os.kill(old, signal.SIGSTOP)
         inst.stopped = [old]
+        assert stop_util.stop_when(old, words[0], want_busy=False), "never caught the worker between passes"
         taken = u.wait_for(lambda: all(unpack_owner(int(w[W_OWNER]))[0] not in (0, old) for w in words), 10, "the queues fenced and taken")
         assert taken and _stopped(old), "replaced while the hung worker is still stopped"
         os.kill(old, signal.SIGCONT)
         u.wait_for(lambda: not u_alive(old), 10, "the resumed, fenced worker to exit")
         assert all(unpack_owner(int(w[W_OWNER]))[0] != old for w in words)
+    finally:
+        mem.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_hung_inside_a_pass_is_killed_before_its_queues_move(tree) -> None:
+    from hotplane.schema.port import W_OWNER, unpack_owner
+
+    inst, p = tree, tree.prefix
+    _up(inst, "--stop-wait", "20")  # a long stop deadline: the kill must not wait for it
+    old = u.programs(p)["worker-0"]["pid"]
+    mem, words = _queue_words(inst, 0)
+    try:
+        inst.stopped = [old]
+        assert stop_util.stop_when(old, words[0], want_busy=True), "never caught the worker inside a pass"
+        seen_alive_with_new_owner = []
+
+        def replaced():
+            owners = [unpack_owner(int(w[W_OWNER]))[0] for w in words]
+            if all(o not in (0, old) for o in owners):
+                seen_alive_with_new_owner.append(u_alive(old))
+                return True
+            return False
+
+        assert u.wait_for(replaced, 15, "the hung worker's queues taken by a successor")
+        assert seen_alive_with_new_owner == [False], "a successor owned the queues while the worker stopped mid-pass still lived"
+        log = "\n".join(u.call(p, "tail", {"name": "supervisor", "lines": 80})["lines"])
+        assert "inside a pass" in log and "killing it now" in log, log
+        n0 = u.traffic(p)["sink"]["packets"]
+        u.wait_for(lambda: u.traffic(p)["sink"]["packets"] > n0 + 400, 30, "traffic after the replacement")
+        assert u.traffic(p)["sink"]["corrupted"] == 0
     finally:
         mem.close()
 
@@ -144,8 +176,8 @@ def test_a_fenced_worker_resumed_exits_without_touching_its_queues(tree) -> None
     inst.procs.append(holder)
     mem, words = _queue_words(inst, 0)
     try:
-        os.kill(old, signal.SIGSTOP)
         inst.stopped = [old]
+        assert stop_util.stop_when(old, words[0], want_busy=False), "never caught the worker between passes"
         for w in words:
             _, gen = unpack_owner(int(w[W_OWNER]))
             w[W_OWNER] = pack_owner(holder.pid, (gen + 1) & 0xFFFFFFFF)
@@ -153,8 +185,7 @@ def test_a_fenced_worker_resumed_exits_without_touching_its_queues(tree) -> None
         os.kill(old, signal.SIGCONT)
         u.wait_for(lambda: not u_alive(old), 20, "the resumed worker to exit")
         assert [(int(w[W_OWNER]), int(w[W_RX_CURSOR]), int(w[W_LAST_POLL_NS])) for w in words] == snap, (
-            "the resumed, fenced worker touched its queues (it was stopped inside poll_once, after its per-loop fenced() check, and "
-            "finished the burst: last_poll_ns / rx_cursor moved); secondary/worker.py must re-check still_mine() before each store phase")
+            "the resumed, fenced worker touched its queues (last_poll_ns / rx_cursor moved)")
         log = (inst.root / p / "logs" / "worker-0.log").read_text()
         assert "queue ownership taken by another process: stopping without touching the queues" in log
         # The designated successor steps aside: the supervisor's next worker-0 claims the queues and traffic flows.
