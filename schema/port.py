@@ -36,14 +36,18 @@ queues never write the same line::
     element  line 0 (hot): owner u8 | rx_cursor u8 | tx_cursor u8 | last_poll_ns u8
                            | kernel_drops u8 | rx_frames u8 | tx_frames u8 | tx_ring_full u8
              line 1 (drop reasons): rx_runt u8 | rx_oversized u8 | rx_truncated u8
-                           | rx_bad_descriptor u8 | tx_oversized u8 | pad
+                           | rx_bad_descriptor u8 | tx_oversized u8
+                           | journal u8 | journal_rx u8 | journal_tx u8
 
 ``owner`` is the ownership word ``busy << 63 | owner_pid << 32 | generation``
 (0 = unowned; see :func:`pack_owner`). ``busy`` is set by the owner, by
 compare-and-swap, for the length of every pass that touches the queue, so a
 fence knows atomically whether the owner may still be writing
-(``shared/queue_owner.py``). Version 2 added ``busy``: a version-1 build would
-read it as part of the pid, so it refuses these zones instead. ``rx_cursor`` is the next RX slot to read and
+(``shared/queue_owner.py``). ``journal*`` is the write-ahead record of the
+burst in flight from this RX queue, with which a successor finishes a dead
+owner's burst exactly once (``shared/burst_journal.py``). Version 2 added
+``busy`` and the journal: a version-1 build would read the busy bit as part of
+the pid, so it refuses these zones instead. ``rx_cursor`` is the next RX slot to read and
 ``tx_cursor`` the next TX slot to fill, as free-running counters (slot =
 cursor % nslots), so a replacement worker resumes exactly where the previous
 one stopped (DESIGN invariant 1). Every field is written by the queue's owner
@@ -125,6 +129,9 @@ W_RX_OVERSIZED = 9
 W_RX_TRUNCATED = 10
 W_RX_BAD_DESCRIPTOR = 11
 W_TX_OVERSIZED = 12
+W_JOURNAL = 13  # burst journal (shared/burst_journal.py): state | n | k_other | k_same | first-slot fingerprint
+W_JOURNAL_RX = 14  # ... the burst's RX cursor
+W_JOURNAL_TX = 15  # ... the low 32 bits of the TX cursors it staged at: other port | same port << 32
 QUEUE_WORDS = 16
 
 QUEUE_STATE_RECORD = np.dtype(
@@ -142,7 +149,9 @@ QUEUE_STATE_RECORD = np.dtype(
         ("rx_truncated", "<u8"),
         ("rx_bad_descriptor", "<u8"),
         ("tx_oversized", "<u8"),
-        ("_pad", "V24"),
+        ("journal", "<u8"),
+        ("journal_rx", "<u8"),
+        ("journal_tx", "<u8"),
     ]
 )
 
@@ -160,6 +169,7 @@ QUEUE_STATE = registry.register(
 assert QUEUE_STATE_HEADER.itemsize == 64 and QUEUE_STATE_RECORD.itemsize == QUEUE_WORDS * 8
 assert QUEUE_STATE_RECORD.fields["rx_cursor"][1] == W_RX_CURSOR * 8
 assert QUEUE_STATE_RECORD.fields["tx_oversized"][1] == W_TX_OVERSIZED * 8
+assert QUEUE_STATE_RECORD.fields["journal_tx"][1] == W_JOURNAL_TX * 8
 
 
 #: The owner is inside a pass (bit 63: Linux pids stay below 2**22, PID_MAX_LIMIT).

@@ -167,8 +167,9 @@ class Burst:
     """Frames received in one ``rx_burst``: views on the RX slots until released.
 
     * ``frames``: ``uint8[n, frame_size - rx_off]`` view of the slots (one slice);
-      frame ``j`` is ``frames[j, :lengths[j]]``. Writable: a worker owns the
-      slots until ``rx_release`` and may rewrite headers in place.
+      frame ``j`` is ``frames[j, :lengths[j]]``. Writable, but a worker leaves
+      them as received and rewrites a private copy (``secondary/burst_pass.py``),
+      so a successor can process a dead owner's unreleased burst again.
     * ``lengths``: ``uint32[n]`` copy of ``tp_snaplen`` (a copy so a misbehaving
       producer cannot change a length after it was checked).
     * ``valid``: ``bool[n]``, False for frames masked out (see :data:`RX_REASONS`);
@@ -268,7 +269,13 @@ def rx_release(q: Queue, burst: Burst) -> None:
             f"rx_release: queue {q.qid} RX cursor is {int(w[W_RX_CURSOR])}, not the burst's {burst.cursor}: "
             "the burst was already released or another process polls this queue"
         )
-    q.rx.status[burst.start : burst.start + n] = 0
+    status = q.rx.status
+    s = burst.start
+    # The burst's first slot is handed back last: a producer fills in order, so it cannot
+    # refill any of the burst's slots before that one, and a successor repairing a release
+    # cut short (shared/burst_journal.py) can tell from that slot alone what was refilled.
+    status[s + 1 : s + n] = 0
+    status[s] = 0
     w[W_RX_CURSOR] = burst.cursor + n
     w[W_RX_FRAMES] += n
 
@@ -285,12 +292,31 @@ def tx_burst(q: Queue, frames2d: np.ndarray, lengths: np.ndarray, drops: np.ndar
     ``drops[TX_RING_FULL]`` / ``drops[TX_OVERSIZED]``. The doorbell rings once
     whenever there was something to send (also when the ring was full, so a
     kernel TX ring keeps draining).
+
+    This is :func:`tx_stage` then :func:`tx_publish`; a worker calls the two
+    itself, with its burst journal written between them.
+    """
+    start, k = tx_stage(q, frames2d, lengths, drops)
+    tx_publish(q, start, k)
+    if q.doorbell is not None and lengths.shape[0]:
+        q.doorbell()
+    return k
+
+
+def tx_stage(q: Queue, frames2d: np.ndarray, lengths: np.ndarray, drops: np.ndarray | None = None) -> tuple[int, int]:
+    """Write frames into the free TX slots that follow the cursor, without publishing them.
+
+    Returns ``(start, k)``: the TX cursor of the first slot and how many frames
+    were written (data and ``tp_len``; status and cursor untouched). Shortfalls
+    are counted as :func:`tx_burst` describes. Nothing a consumer can see
+    changes until :func:`tx_publish`.
     """
     n = int(lengths.shape[0])
-    if n == 0:
-        return 0
-    t = q.tx
     w = q.words
+    cur = int(w[W_TX_CURSOR])
+    if n == 0:
+        return cur, 0
+    t = q.tx
     maxlen = int(lengths.max())
     limit = t.tx_capacity if t.tx_capacity < frames2d.shape[1] else frames2d.shape[1]
     if maxlen > limit:
@@ -303,10 +329,9 @@ def tx_burst(q: Queue, frames2d: np.ndarray, lengths: np.ndarray, drops: np.ndar
         lengths = lengths[keep]
         n = keep.size
         if n == 0:
-            return 0
+            return cur, 0
         maxlen = int(lengths.max())
     ns = t.nslots
-    cur = int(w[W_TX_CURSOR])
     i = cur % ns
     status = t.status
     # Free run from the cursor, at most n slots, across the wrap at most once.
@@ -323,22 +348,32 @@ def tx_burst(q: Queue, frames2d: np.ndarray, lengths: np.ndarray, drops: np.ndar
     if k1:
         t.tx_data[i : i + k1, :maxlen] = frames2d[:k1, :maxlen]
         t.tp_len[i : i + k1] = lengths[:k1]
-        status[i : i + k1] = TP_STATUS_SEND_REQUEST
     if k > k1:
         k2 = k - k1
         t.tx_data[:k2, :maxlen] = frames2d[k1:k, :maxlen]
         t.tp_len[:k2] = lengths[k1:k]
-        status[:k2] = TP_STATUS_SEND_REQUEST
-    if k:
-        w[W_TX_CURSOR] = cur + k
-        w[W_TX_FRAMES] += k
     if k < n:
         w[W_TX_RING_FULL] += n - k
         if drops is not None:
             drops[TX_RING_FULL] += n - k
-    if q.doorbell is not None:
-        q.doorbell()
-    return k
+    return cur, k
+
+
+def tx_publish(q: Queue, start: int, k: int) -> None:
+    """Publish ``k`` staged TX slots from cursor ``start`` (status SEND_REQUEST), then move the cursor."""
+    if k <= 0:
+        return
+    t = q.tx
+    ns = t.nslots
+    i = start % ns
+    status = t.status
+    k1 = ns - i if ns - i < k else k
+    status[i : i + k1] = TP_STATUS_SEND_REQUEST
+    if k > k1:
+        status[: k - k1] = TP_STATUS_SEND_REQUEST
+    w = q.words
+    w[W_TX_CURSOR] = start + k
+    w[W_TX_FRAMES] += k
 
 
 def tx_space(q: Queue, max_n: int | None = None) -> int:
