@@ -8,7 +8,6 @@ bare ``python -c pass``.
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import statistics
@@ -59,7 +58,7 @@ def _measure(mode: str, extra: list[str], n: int, nproc: int) -> dict:
         proc_ms, bare_ms = [], []
         for _ in range(nproc):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "hotplane.supervisor.cli", "memzones", "--file-prefix", prefix, "--", "--json", "--bare"], env=env, capture_output=True, check=True)
+            subprocess.run([sys.executable, "-m", "hotplane.supervisor.cli", "memzones", "--file-prefix", prefix, "--", "--json"], env=env, capture_output=True, check=True)
             proc_ms.append((time.perf_counter() - t0) * 1e3)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-c", "import numpy"], capture_output=True, check=True)

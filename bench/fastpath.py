@@ -1,20 +1,25 @@
-"""Fast-path benchmark: forward bursts between ring ports with MAC rewrite and TTL/checksum update.
+"""Fast-path benchmark: the worker's forward pass between ring ports, burst sweep 32..512.
 
-For each burst size (32..512) a peer fills the input port's RX ring with 64-byte
+For each burst size a peer fills the input port's RX ring with 64-byte
 IPv4/UDP frames and drains the output port's TX ring between timed sections
-(same process: the peer is not timed). The timed section is one
-run-to-completion burst: ``rx_burst``, rewrite in place (MAC addresses by
-column slice assignment, TTL decrement with the RFC 1624 checksum update),
-``tx_burst`` (the one copy), ``rx_release``. Two rewrite variants are
-measured: ``local`` (the two vectorized ops written here, on the fixed IPv4
-offset) and, when ``hotplane.shared.packet`` is importable, ``packet``
-(``parse_burst`` + ``rewrite_macs`` + ``decrement_ttl``: what a worker runs).
+(same process: the peer is not timed). The timed section is what a worker
+runs per pass:
 
-A linear fit of the median time per burst against burst size gives the fixed cost per
-burst (intercept) and the cost per packet (slope). The reference, in the same
-run and over the same rings, is a plain per-packet Python forwarder using
-bytes slicing; the summary reports the ratio at burst 256. Forwarded frames
-are checked (MACs, TTL, header checksum) before timing starts.
+* ``worker`` (the headline): :meth:`hotplane.secondary.worker.Worker.poll_once`
+  -- the real worker code, both directions, its counter block -- with
+  :class:`hotplane.secondary.forward.ForwardPipeline` (parse_burst, drop by
+  reason, TTL decrement with the RFC 1624 checksum update, MAC rewrite) on
+  ``rx_burst`` / ``tx_burst`` / ``rx_release``.
+* ``local`` (a labelled reference, no worker runs it): the two vectorized
+  rewrite ops on the fixed IPv4 offset, through ``forward_burst``: what the
+  burst engine costs with almost no pipeline.
+* ``python`` (the reference the ratio is against): a per-packet Python
+  forwarder using bytes slicing over the same rings, at burst 256.
+
+A linear fit of the median time per burst against burst size gives the fixed
+cost per burst (intercept) and the cost per packet (slope). Forwarded frames
+are checked (MACs, TTL, header checksum) before timing starts, and every
+timed burst must forward all of its frames.
 """
 
 from __future__ import annotations
@@ -28,13 +33,8 @@ import time
 import numpy as np
 
 from hotplane.bench.report import emit
-from hotplane.shared.burst import Burst, Queue, forward_burst, rx_burst, rx_release, tx_burst
+from hotplane.shared.burst import Burst, Queue, forward_burst
 from hotplane.shared.ring_port import RingPort, alloc_buffers
-
-try:  # the worker's rewrite helpers, when that module is present
-    from hotplane.shared import packet as _packet
-except ImportError:  # pragma: no cover - depends on the tree
-    _packet = None
 
 BURSTS = (32, 64, 128, 256, 512)
 FRAME_LEN = 64
@@ -108,18 +108,74 @@ def _rewrite_bytes(f: np.ndarray) -> np.ndarray | None:
     return None if ok.all() else ok
 
 
-def make_rewrite_packet(capacity: int = 512):
-    """The worker's path: parse_burst, rewrite_macs, decrement_ttl from hotplane.shared.packet."""
-    pb = _packet.ParsedBurst(capacity)
+class WorkerRig:
+    """A real worker on a real instance, without its process: ``hotplane worker``'s own objects.
 
-    def rewrite(b: Burst) -> np.ndarray | None:
-        _packet.parse_burst(b.frames, b.lengths, pb)
-        _packet.rewrite_macs(b.frames, pb, None, NEW_SRC, NEW_DST)
-        _packet.decrement_ttl(b.frames, pb, None)
-        v = pb.valid[: b.n]
-        return None if v.all() else v.copy()
+    Starts a primary (4 KiB pages, ring ports ``in``/``out`` of SLOTS slots,
+    forward pipeline, the bench's MACs), attaches this process as a
+    secondary, builds :class:`hotplane.secondary.worker.Worker` with the
+    primary's config and claims its queues, as the worker process does. A
+    timed pass is ``enter_pass`` + ``poll_once`` + ``leave_pass``: what the
+    worker's loop runs per iteration (the 10 ms tick aside).
+    """
 
-    return rewrite
+    def __init__(self) -> None:
+        import os
+        import subprocess
+        import tempfile
+
+        from hotplane.shared.eal import parse_eal
+        from hotplane.shared.instance import eal_init
+        from hotplane.shared.ports import attach_ring_port
+
+        self.prefix = f"bench-fastpath-{os.getpid()}"
+        os.environ.setdefault("HOTPLANE_RUNTIME_DIR", tempfile.mkdtemp(prefix="hotplane-bench-"))
+        macs = ["--mac", f"outside_gw={NEW_SRC.hex(':')}", "--mac", f"outside_peer={NEW_DST.hex(':')}"]
+        self.primary = subprocess.Popen(
+            [sys.executable, "-m", "hotplane.supervisor.cli", "primary", "--file-prefix", self.prefix, "--no-huge", "--socket-mem", "32", "--",
+             "--workers", "1", "--pipeline", "forward", "--inside", f"ring:in,slots={SLOTS}", "--outside", f"ring:out,slots={SLOTS}", "--json", *macs],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.inst = None
+        try:
+            if not self.primary.stdout.readline():
+                raise RuntimeError(f"fastpath bench: the primary did not start: {self.primary.stderr.read()[-2000:]}")
+            from hotplane.secondary.worker import Worker, primary_config
+
+            self.inst = eal_init(parse_eal(["--file-prefix", self.prefix], role="secondary"))
+            cfg = primary_config(self.inst)
+            self.pin = attach_ring_port(self.inst.directory, "ring:in")
+            self.pout = attach_ring_port(self.inst.directory, "ring:out")
+            self.worker = Worker(self.inst, cfg, 0)
+            self.worker.claim_queues()
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, n: int) -> int:
+        """One worker pass with bursts of up to ``n``; returns the frames it received."""
+        w = self.worker
+        if not w.enter_pass():
+            raise RuntimeError("fastpath bench: the worker lost its queues")
+        try:
+            return w.poll_once(n)
+        finally:
+            w.leave_pass()
+
+    def close(self) -> None:
+        from hotplane.shared.instance import cleanup
+
+        if self.inst is not None:
+            w = getattr(self, "worker", None)
+            if w is not None and w.owned:
+                w.release_queues()
+            self.worker = self.pin = self.pout = None
+            self.inst.close()
+            self.inst = None
+        self.primary.terminate()
+        try:
+            self.primary.wait(timeout=30)
+        finally:
+            cleanup(self.prefix)
 
 
 # -- the reference: a per-packet Python forwarder over the same rings --
@@ -177,18 +233,24 @@ def _check_forwarded(frames: np.ndarray, lengths: np.ndarray, src: np.ndarray) -
             raise RuntimeError(f"fastpath bench: forwarded frame {j} is wrong: {f.hex()}")
 
 
-def measure(variant: str, fn, bursts, iters: int, budget_s: float) -> list[dict]:
-    pin, pout = _ports()
+def measure(variant: str, fn, bursts, iters: int, budget_s: float, rig: WorkerRig | None = None) -> list[dict]:
+    """Time ``variant`` (worker on ``rig``, local or python) at each burst size; one row per size."""
+    pin, pout = (rig.pin, rig.pout) if rig is not None else _ports()
     rxq, txq = pin.queues[0], pout.queues[0]
     src, lens = make_frames(max(bursts))
     sink = np.zeros((SLOTS, 2048), dtype=np.uint8)
     sink_len = np.zeros(SLOTS, dtype=np.uint32)
+    if variant == "python":
+        def step(n: int) -> int:
+            return python_forward(rxq, txq, n)
+    elif variant == "worker":
+        step = rig.step
+    else:
+        def step(n: int) -> int:
+            return forward_burst(rxq, txq, n, fn).sent
     # Correctness first: one burst through, checked.
     pin.peer_send(src[:32], lens[:32])
-    if variant == "python":
-        python_forward(rxq, txq, 32)
-    else:
-        forward_burst(rxq, txq, 32, fn)
+    step(32)
     got = pout.peer_recv(SLOTS, sink, sink_len)
     if got != 32:
         raise RuntimeError(f"fastpath bench ({variant}): forwarded {got} of 32 frames")
@@ -203,17 +265,13 @@ def measure(variant: str, fn, bursts, iters: int, budget_s: float) -> list[dict]
             for _ in range(iters):
                 pin.peer_send(src[:b], lens[:b])
                 t0 = time.perf_counter_ns()
-                if variant == "python":
-                    n = python_forward(rxq, txq, b)
-                else:
-                    # A burst stops at the ring's wrap; the next poll continues (as a worker's would).
-                    n = forward_burst(rxq, txq, b, fn).sent
-                    if n < b:
-                        n += forward_burst(rxq, txq, b - n, fn).sent
+                n = step(b)
+                if n < b:  # a burst stops at the ring's wrap; the next poll continues (as a worker's would)
+                    n += step(b - n)
                 times[done] = time.perf_counter_ns() - t0
-                if n != b:
-                    raise RuntimeError(f"fastpath bench ({variant}): burst of {b} forwarded {n}")
-                pout.peer_recv(SLOTS, sink, sink_len)
+                out = pout.peer_recv(SLOTS, sink, sink_len)
+                if n != b or out != b:
+                    raise RuntimeError(f"fastpath bench ({variant}): burst of {b}: received {n}, forwarded {out}")
                 done += 1
                 if time.perf_counter() > t_end:
                     break
@@ -248,29 +306,33 @@ def main(argv: list[str] | None = None) -> int:
     bursts = [int(x) for x in args.bursts.split(",")]
     if max(bursts) > SLOTS // 2:
         ap.error(f"burst sizes must be at most {SLOTS // 2}")
-    variants = [("local", rewrite_local)]
-    if _packet is not None:
-        variants.append(("packet", make_rewrite_packet(max(bursts))))
+    variants = [("worker", None), ("local", rewrite_local)]
     rows: list[dict] = []
-    summary: dict = {"frame_bytes": FRAME_LEN}
+    summary: dict = {"frame_bytes": FRAME_LEN, "headline": "worker: Worker.poll_once + ForwardPipeline on ring ports (what hotplane worker runs)"}
+    fits = {}
+    rig = WorkerRig()
+    try:
+        wr = measure("worker", None, bursts, args.iters, args.budget, rig)
+    finally:
+        rig.close()
     for name, fn in variants:
-        vr = measure(name, fn, bursts, args.iters, args.budget)
+        vr = wr if name == "worker" else measure(name, fn, bursts, args.iters, args.budget)
         fixed_us, per_pkt_ns = fit(vr)
+        fits[name] = (fixed_us, per_pkt_ns)
         for r in vr:
             r["fit_fixed_us"] = fixed_us
             r["fit_ns_per_pkt"] = per_pkt_ns
         rows.extend(vr)
-        summary[f"{name}_fixed_us_per_burst"] = fixed_us
-        summary[f"{name}_ns_per_packet"] = per_pkt_ns
-        at = [r for r in vr if r["burst"] == 256] or vr[-1:]
-        summary[f"{name}_mpps_at_{at[0]['burst']}"] = at[0]["mpps"]
     ref_burst = 256 if 256 in bursts else bursts[-1]
+    at = {name: [r for r in rows if r["variant"] == name and r["burst"] == ref_burst][0] for name, _ in variants}
+    summary["worker_fixed_us_per_burst"], summary["worker_ns_per_packet"] = fits["worker"]
+    summary[f"worker_mpps_at_{ref_burst}"] = at["worker"]["mpps"]
+    summary["reference_local_fixed_us_per_burst"], summary["reference_local_ns_per_packet"] = fits["local"]
+    summary[f"reference_local_mpps_at_{ref_burst}"] = at["local"]["mpps"]
     ref = measure("python", None, [ref_burst], max(50, args.iters // 10), args.budget)
     rows.extend(ref)
     summary["python_reference_mpps"] = ref[0]["mpps"]
-    for name, _ in variants:
-        mine = [r for r in rows if r["variant"] == name and r["burst"] == ref_burst][0]
-        summary[f"{name}_speedup_vs_python"] = mine["mpps"] / ref[0]["mpps"]
+    summary["worker_speedup_vs_python"] = at["worker"]["mpps"] / ref[0]["mpps"]
     summary["target_mpps_at_256"] = 5.0
     emit("fastpath", rows, as_json=args.json, summary=summary)
     return 0

@@ -19,13 +19,30 @@
   kernel's neighbour table (resolved with one ping to the next hop if absent).
   With an explicit ``--file-prefix`` it also publishes its figures to that
   instance's ``traffic`` zone.
+* ``--port pcap:FILE``: needs no instance; writes the frames to FILE (classic
+  pcap, readable by tcpdump and Wireshark) instead of sending them. With a
+  ``--rate`` the run is not paced by the wall clock: it is computed, and the
+  packets are stamped ``1/rate`` apart (``--duration`` is then the span of the
+  capture), so a file for a replay (``hotplane primary -- --inside
+  pcap:FILE``) or for the sink (``hotplane sink -- --port pcap:FILE``) is
+  made in moments.
+
+``--replay FILE`` sends the frames of a capture instead of generated flows,
+into any of these ports, at the recorded rate (``--rate recorded``, the
+default: the file's gaps are kept) or as fast as the port takes them
+(``--rate max``), ``--loop N`` times. A truncated file or one of another link
+type is refused before anything is sent (``--allow-truncated`` replays the
+whole records of a cut file).
 
 Every packet carries a flow id, a sequence number and a check word
 (:mod:`hotplane.shared.traffic`). Pacing is a token bucket on the monotonic
 clock (``--rate`` packets/s, 0 = as fast as possible); ``--new-flow-rate``
 starts flows progressively; the run ends at ``--duration`` (or after
-``--count`` packets). A progress line goes to stderr every second; the final
-report is a table (or JSON with ``--json``) on stdout; ``--report FILE``
+``--count`` packets). Once its port is open it reports READY (to the
+supervisor when ``$HOTPLANE_SUPERVISOR_SOCKET`` names one, and as a first
+line on stdout: ``READY gen pid N``, or a JSON line with ``"event": "ready"``
+under ``--json``). A progress line goes to stderr every second; the final
+report is a table (or, with ``--json``, the last line: JSON) on stdout; ``--report FILE``
 writes the per-flow sent counts the sink's ``--expect`` needs for exact loss.
 
 Exit codes: 0 done, 1 failure (no instance, no interface, no permission),
@@ -49,6 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from hotplane.shared.eal import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, parse_or_exit
+from hotplane.shared.pcap_port import PcapError
 
 PROGRESS_INTERVAL = 1.0
 SLOT_INTERVAL = 0.1
@@ -273,6 +291,23 @@ class RingTarget:
         q = None if self.nqueues == 1 else self.flow_queue[flow_idx]
         return int(self.port.peer_send(frames, lengths, q).sum())
 
+    def offer(self, frames: np.ndarray, lengths: np.ndarray, ts_ns=None) -> tuple[int, int]:
+        """Arbitrary frames (a replay), steered by the port: ``(queued, dropped)``; with no_drop only what fits is taken."""
+        n = int(lengths.shape[0])
+        if not self.no_drop:
+            sent = int(self.port.peer_send(frames, lengths).sum())
+            return sent, n - sent
+        queues = self.port.steering(frames, lengths) if self.nqueues > 1 else np.zeros(n, np.int64)
+        room = np.array([r.peer_space(n) for r in self.port.rx_rings], np.int64)
+        onehot = np.zeros((n, self.nqueues), np.int64)
+        onehot[np.arange(n), queues] = 1
+        rank = (np.cumsum(onehot, axis=0) - 1)[np.arange(n), queues]
+        over = np.flatnonzero(rank >= room[queues])
+        k = int(over[0]) if over.size else n
+        if k:
+            self.port.peer_send(frames[:k], lengths[:k], queues[:k] if self.nqueues > 1 else None)
+        return k, 0
+
     def close(self) -> None:
         pass
 
@@ -343,6 +378,21 @@ class AfPacketTarget:
 
         return tx_burst(self.q, frames, lengths)
 
+    def offer(self, frames: np.ndarray, lengths: np.ndarray, ts_ns=None) -> tuple[int, int]:
+        """A replay's frames: ``(sent, dropped)``; frames too big for a TX slot are dropped, the rest wait for room."""
+        from hotplane.shared.burst import tx_burst, tx_space
+
+        cap = min(self.q.tx.tx_capacity, frames.shape[1])
+        if int(lengths.max()) > cap:
+            big = int(np.argmax(lengths > cap))
+            if big == 0:
+                return 0, 1  # one at a time: order is kept
+            frames, lengths = frames[:big], lengths[:big]
+        k = tx_space(self.q, int(lengths.shape[0]))
+        if k < lengths.shape[0]:
+            self.doorbell()
+        return (tx_burst(self.q, frames[:k], lengths[:k]) if k else 0), 0
+
     def close(self) -> None:
         # Let the kernel send what is still queued before the ring goes away (bounded).
         deadline = time.monotonic() + 2.0
@@ -351,6 +401,65 @@ class AfPacketTarget:
             self.doorbell()
             time.sleep(0.001)
         self.sock.close()
+
+
+class PcapFileTarget:
+    """A pcap file: frames are written, stamped ``1/rate`` apart (``rate`` 0: the wall clock)."""
+
+    kind = "pcap"
+    offline = True  # nothing to pace against: the generator computes time instead of waiting for it
+
+    def __init__(self, path: str, rate: float) -> None:
+        from hotplane.shared.pcap_port import PcapWriter
+
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise GenError(f"cannot write {path}: directory {parent} does not exist")
+        try:
+            self.writer = PcapWriter(path)
+        except OSError as e:
+            raise GenError(f"cannot write {path}: {e.strerror or e}") from None
+        self.no_drop = True
+        self.rate = rate
+        self.t0_ns = time.time_ns()
+        self.written = 0
+
+    def prepare(self, gen) -> None:
+        pass
+
+    def space(self, flow_idx: np.ndarray) -> int:
+        return int(flow_idx.size)
+
+    def _stamps(self, n: int) -> "np.ndarray | int":
+        if self.rate <= 0:
+            return time.time_ns()
+        k = self.written + np.arange(n, dtype=np.float64)
+        return self.t0_ns + np.round(k * (1e9 / self.rate)).astype(np.int64)
+
+    def send(self, frames: np.ndarray, lengths: np.ndarray, flow_idx: np.ndarray) -> int:
+        return self.offer(frames, lengths)[0]
+
+    def offer(self, frames: np.ndarray, lengths: np.ndarray, ts_ns=None) -> tuple[int, int]:
+        n = int(lengths.shape[0])
+        self.writer.write_burst(frames, lengths, ts_ns=self._stamps(n) if ts_ns is None else ts_ns)
+        self.written += n
+        return n, 0
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class VirtualClock:
+    """Time for offline targets: ``sleep`` advances it instead of waiting (a file has no wall clock)."""
+
+    def __init__(self) -> None:
+        self.ns = 0  # integer nanoseconds: a tiny float step added to a large float time would be lost
+
+    def now(self) -> float:
+        return self.ns / 1e9
+
+    def sleep(self, seconds: float) -> None:
+        self.ns += max(1, int(round(seconds * 1e9)))
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -380,6 +489,10 @@ class Generator:
         self.t = Totals()
         self.stop = False
         target.prepare(self.frames)
+        # A file target at a given rate runs on computed time: as fast as it can, stamped as if paced.
+        clock = VirtualClock() if getattr(target, "offline", False) and float(app.rate) > 0 else None
+        self._now = clock.now if clock else time.monotonic
+        self._sleep = clock.sleep if clock else time.sleep
 
     def run(self) -> dict:
         app, t, target, fr = self.app, self.t, self.target, self.frames
@@ -394,7 +507,8 @@ class Generator:
         nfr = float(app.new_flow_rate)
         ar = np.arange(burst, dtype=np.int64)
         ptr = 0
-        start = time.monotonic()
+        now_fn, sleep = self._now, self._sleep
+        start = now_fn()
         last = start
         tokens = float(chunk)
         next_progress = start + PROGRESS_INTERVAL
@@ -403,7 +517,7 @@ class Generator:
         prog_t = start
         no_drop = target.no_drop
         while not self.stop:
-            now = time.monotonic()
+            now = now_fn()
             el = now - start
             if duration is not None and el >= duration:
                 break
@@ -425,7 +539,7 @@ class Generator:
                 last = now
                 if tokens < want:
                     wait = (want - tokens) / rate
-                    time.sleep(min(wait, MAX_SLEEP, max(0.0, next_progress - now)))
+                    sleep(min(wait, MAX_SLEEP, max(0.0, next_progress - now)))
                     continue
             active = nflows if nfr <= 0 else min(nflows, 1 + int(el * nfr))
             idx = (ptr + ar[:want]) % active
@@ -433,7 +547,7 @@ class Generator:
                 k = target.space(idx)
                 if k == 0:
                     t.waits += 1
-                    time.sleep(20e-6)
+                    sleep(20e-6)
                     continue
                 idx = idx[:k]
             n = idx.size
@@ -447,7 +561,7 @@ class Generator:
             t.bursts += 1
             if rate > 0:
                 tokens -= n
-        self.elapsed = max(time.monotonic() - start, 1e-9)
+        self.elapsed = max(now_fn() - start, 1e-9)
         target.close()
         if self.slot is not None:
             self._publish(final=True)
@@ -491,6 +605,102 @@ class Generator:
         }
 
 
+class Replayer:
+    """``--replay FILE``: a capture's frames into the target, at the recorded rate or as fast as it takes them.
+
+    Recorded rate: frame ``j`` is due at ``start + (ts[j] - ts[0])`` on the
+    monotonic clock (later loops continue the timeline), so the file's gaps
+    are kept; a frame that finds no room waits (``--no-drop``, af_packet and
+    pcap targets) or is dropped and counted (a ring port's full RX ring, as a
+    NIC would).
+    """
+
+    def __init__(self, app: argparse.Namespace, target, slot: "TrafficSlot | None") -> None:
+        from hotplane.shared.pcap_port import PcapReader
+
+        self.app = app
+        self.target = target
+        self.slot = slot
+        self.reader = PcapReader(app.replay, allow_truncated=app.allow_truncated)
+        self.records = self.reader.scan()  # a cut or corrupt file is refused before anything is sent
+        self.stop = False
+        self.sent = self.dropped = self.read = self.bytes = 0
+        self.loops = 0
+
+    def run(self) -> dict:
+        app, target = self.app, self.target
+        recorded = app.rate_mode == "recorded"
+        start_ns = time.monotonic_ns()
+        t0_file: int | None = None
+        anchor: int | None = None  # monotonic ns of the file's first timestamp
+        offset = 0  # ns added to the file's timestamps on later loops
+        last_ts = 0
+        next_progress = time.monotonic() + PROGRESS_INTERVAL
+        next_slot = 0.0
+        limit_ns = None if app.duration is None else int(app.duration * 1e9)
+        while self.loops < app.loop and not self.stop:
+            b = self.reader.read_batch(app.burst)
+            if b is None:
+                self.loops += 1
+                if self.reader.records == 0:
+                    break  # no packets: nothing to loop over
+                offset = last_ts + 1 - (t0_file or 0)
+                self.reader.rewind()
+                continue
+            ts = b.ts_ns + offset
+            last_ts = int(b.ts_ns[-1])
+            if t0_file is None:
+                t0_file = int(ts[0])
+            self.read += len(b)
+            i, n = 0, len(b)
+            while i < n and not self.stop:
+                now = time.monotonic_ns()
+                if limit_ns is not None and now - start_ns >= limit_ns:
+                    self.stop = True
+                    break
+                if time.monotonic() >= next_progress:
+                    self._progress((now - start_ns) / 1e9)
+                    next_progress += PROGRESS_INTERVAL
+                if self.slot is not None and time.monotonic() >= next_slot:
+                    self.slot.update(packets=self.sent, bytes=self.bytes, ring_drops=self.dropped)
+                    next_slot = time.monotonic() + SLOT_INTERVAL
+                j = n
+                if recorded:
+                    if anchor is None:
+                        j = i + 1  # the first frame goes now; the timeline starts once it has gone
+                    else:
+                        due = anchor + (ts[i:] - t0_file)
+                        j = i + int(np.searchsorted(due, now, side="right"))
+                        if j == i:
+                            time.sleep(min((int(due[0]) - now) / 1e9, MAX_SLEEP))
+                            continue
+                took, dropped = target.offer(b.frames[i:j], b.lengths[i:j], ts[i:j])
+                if took + dropped == 0:
+                    time.sleep(20e-6)  # the port is full: wait for it to drain
+                    continue
+                if anchor is None:
+                    # Frame k is due ts[k] - ts[0] after the first one actually went: never early.
+                    anchor = time.monotonic_ns() - int(ts[i] - t0_file)
+                self.sent += took
+                self.dropped += dropped
+                self.bytes += int(b.lengths[i : i + took].sum()) if took else 0
+                i += took + dropped
+        self.elapsed = max((time.monotonic_ns() - start_ns) / 1e9, 1e-9)
+        target.close()
+        self.reader.close()
+        if self.slot is not None:
+            self.slot.finish(packets=self.sent, bytes=self.bytes, ring_drops=self.dropped)
+        return {
+            "version": REPORT_VERSION, "tool": "gen", "mode": "replay", "name": app.name, "port": app.port, "file": app.replay,
+            "rate": app.rate_mode, "loop": app.loop, "records": self.records, "truncated": bool(self.reader.truncated),
+            "duration": round(self.elapsed, 6), "read": self.read, "sent": self.sent, "ring_drops": self.dropped,
+            "bytes": self.bytes, "pps": self.sent / self.elapsed, "loops_done": self.loops,
+        }
+
+    def _progress(self, el: float) -> None:
+        print(f"gen: {el:6.1f}s replayed {self.sent:,} of {self.records * self.app.loop:,}  dropped {self.dropped:,}", file=sys.stderr, flush=True)
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
@@ -500,11 +710,12 @@ def app_parser() -> argparse.ArgumentParser:
         description="traffic generator: stamped flows (flow id, sequence, check) into a ring or af_packet port",
         epilog="exit codes: 0 done, 1 failure (no instance/interface/permission), 2 usage",
     )
-    ap.add_argument("--port", help="ring:NAME (an instance's ring port, peer side) or af_packet:IFACE (own socket in this netns)")
+    ap.add_argument("--port", help="ring:NAME (an instance's ring port, peer side), af_packet:IFACE (own socket in this netns) or pcap:FILE (write a capture)")
     ap.add_argument("--flows", type=int, default=1, help="number of flows (default 1)")
     ap.add_argument("--proto", choices=("udp", "tcp", "icmp"), default="udp")
     ap.add_argument("--size", type=int, default=64, help="frame size in bytes without FCS (default 64)")
-    ap.add_argument("--rate", type=float, default=0.0, help="packets per second, 0 = as fast as possible (default 0)")
+    ap.add_argument("--rate", default=None, help="packets per second, 0 or 'max' = as fast as possible (default); "
+                    "with --replay: 'recorded' (default, the file's gaps) or 'max'")
     ap.add_argument("--duration", type=float, help=f"seconds to run (default {DEFAULT_DURATION:g}, or until --count)")
     ap.add_argument("--count", type=int, help="stop after this many packets (sequence numbers)")
     ap.add_argument("--new-flow-rate", type=float, default=0.0, help="start flows progressively, FLOWS per second (0: all at once)")
@@ -519,6 +730,9 @@ def app_parser() -> argparse.ArgumentParser:
     ap.add_argument("--burst", type=int, default=256, help="frames per burst (default 256)")
     ap.add_argument("--slots", type=int, default=4096, help="af_packet: TX ring slots (default 4096)")
     ap.add_argument("--no-drop", action="store_true", help="ring: wait for RX ring space instead of dropping (max-rate runs)")
+    ap.add_argument("--replay", metavar="FILE", help="send the frames of this pcap file instead of generated flows")
+    ap.add_argument("--loop", type=int, default=1, help="with --replay: play the file this many times (default 1)")
+    ap.add_argument("--allow-truncated", action="store_true", help="with --replay: replay the whole records of a cut-short file")
     ap.add_argument("--report", metavar="FILE", help="write the final report with per-flow sent counts (the sink's --expect)")
     ap.add_argument("--json", action="store_true", help="final report as JSON on stdout")
     ap.add_argument("--name", help="slot name in the instance's traffic zone (default gen-PID)")
@@ -526,11 +740,39 @@ def app_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_app(app: argparse.Namespace) -> None:
-    if not app.port:
-        raise UsageProblem("--port is required: ring:NAME or af_packet:IFACE")
+def _parse_rate(app: argparse.Namespace) -> None:
+    """``--rate``: a number (pps, 0 = max) or 'max'; 'recorded' (the default) only with --replay."""
+    raw = app.rate
+    app.rate_mode = "pps"
+    if raw is None:
+        raw = "recorded" if app.replay else "0"
+    word = str(raw).strip().lower()
+    if word in ("max", "recorded"):
+        if word == "recorded" and not app.replay:
+            raise UsageProblem("--rate recorded needs --replay FILE (generated flows have no recorded times)")
+        app.rate_mode = word if app.replay else "pps"
+        app.rate = 0.0
+        return
+    try:
+        app.rate = float(word)
+    except ValueError:
+        raise UsageProblem(f"--rate {raw!r}: give packets per second, 'max'" + (" or 'recorded'" if app.replay else "")) from None
     if app.rate < 0:
         raise UsageProblem("--rate must be >= 0 (0 = as fast as possible)")
+    if app.replay:
+        if app.rate != 0:
+            raise UsageProblem("with --replay, --rate is 'recorded' (the file's gaps) or 'max'")
+        app.rate_mode = "max"
+
+
+def check_app(app: argparse.Namespace) -> None:
+    if not app.port:
+        raise UsageProblem("--port is required: ring:NAME, af_packet:IFACE or pcap:FILE")
+    _parse_rate(app)
+    if app.loop < 1:
+        raise UsageProblem("--loop must be >= 1")
+    if app.allow_truncated and not app.replay:
+        raise UsageProblem("--allow-truncated goes with --replay FILE")
     if app.duration is not None and app.duration <= 0:
         raise UsageProblem("--duration must be > 0 seconds")
     if app.count is not None and app.count < 1:
@@ -551,7 +793,9 @@ def check_app(app: argparse.Namespace) -> None:
             ipaddress.IPv4Address(getattr(app, opt))
         except ValueError:
             raise UsageProblem(f"--{opt} {getattr(app, opt)!r} is not an IPv4 address") from None
-    if app.duration is None and app.count is None:
+    if app.replay and app.count is not None:
+        raise UsageProblem("--count does not apply to --replay (the file says how many; use --loop)")
+    if app.duration is None and app.count is None and not app.replay:
         app.duration = DEFAULT_DURATION
     if app.name is None:
         app.name = f"gen-{os.getpid()}"
@@ -580,6 +824,19 @@ def print_table(doc: dict, out=sys.stdout) -> None:
         print(f"{k:>11}: {v}", file=out)
 
 
+def print_replay_table(doc: dict, out=sys.stdout) -> None:
+    rows = [
+        ("port", doc["port"]),
+        ("file", f"{doc['file']} ({doc['records']:,} records" + (", cut short" if doc["truncated"] else "") + f") x {doc['loop']}"),
+        ("rate", f"{doc['rate']}: {doc['pps']:,.0f} pps over {doc['duration']:.3f} s"),
+        ("sent", f"{doc['sent']:,}"),
+        ("ring drops", f"{doc['ring_drops']:,}"),
+    ]
+    print("== hotplane gen (replay) ==", file=out)
+    for k, v in rows:
+        print(f"{k:>11}: {v}", file=out)
+
+
 def main(argv: list[str]) -> int:
     opts = parse_or_exit(argv, prog="hotplane gen", role="secondary")
     try:
@@ -592,8 +849,10 @@ def main(argv: list[str]) -> int:
     try:
         check_app(app)
         spec = parse_port_spec(app.port)
-        if spec.type not in ("ring", "af_packet"):
-            raise UsageProblem(f"--port {app.port}: the generator feeds ring: or af_packet: ports")
+        if opts.vdevs:
+            raise UsageProblem(f"--vdev {opts.vdevs[0]} is not supported: the generator's port is --port SPEC (after --)")
+        if spec.type == "pcap" and app.replay and os.path.abspath(spec.name) == os.path.abspath(app.replay):
+            raise UsageProblem(f"--port {app.port} and --replay {app.replay} are the same file")
         src_mac = parse_mac(app.src_mac) if app.src_mac else None
         dst_mac = parse_mac(app.dst_mac) if app.dst_mac else None
         FlowSet.make(1, app.proto, app.size, src=app.src, dst=app.dst)  # checks size for the protocol before any port opens
@@ -622,24 +881,32 @@ def main(argv: list[str]) -> int:
                 target = RingTarget(attach_ring(inst, app.port, spec), app.no_drop)
             except (MemzoneError, ValueError) as e:
                 raise GenError(str(e)) from None
+        elif spec.type == "pcap":
+            target = PcapFileTarget(spec.name, app.rate)
         else:
             target = AfPacketTarget(spec.name, app.slots)
-            if src_mac is None:
+            if src_mac is None and not app.replay:
                 src_mac = target.info.mac
-            if dst_mac is None:
+            if dst_mac is None and not app.replay:
                 dst_mac = resolve_dst_mac(spec.name, app.dst)
-        try:
-            flows = FlowSet.make(app.flows, app.proto, app.size, src=app.src, dst=app.dst, sport=app.sport, dport=app.dport,
-                                 src_hosts=app.src_hosts, first_id=app.first_id, src_mac=src_mac, dst_mac=dst_mac)
-        except ValueError as e:
-            target.close()
-            print(f"hotplane gen: {e}", file=sys.stderr)
-            return EXIT_USAGE
         if inst is not None:
             from hotplane.schema.traffic import KIND_GEN
 
             slot = TrafficSlot.claim(inst, app.name, KIND_GEN)
-        g = Generator(app, flows, target, slot)
+        if app.replay:
+            try:
+                g = Replayer(app, target, slot)
+            except PcapError as e:
+                raise GenError(str(e)) from None
+        else:
+            try:
+                flows = FlowSet.make(app.flows, app.proto, app.size, src=app.src, dst=app.dst, sport=app.sport, dport=app.dport,
+                                     src_hosts=app.src_hosts, first_id=app.first_id, src_mac=src_mac, dst_mac=dst_mac)
+            except ValueError as e:
+                target.close()
+                print(f"hotplane gen: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            g = Generator(app, flows, target, slot)
         target = None  # the run closes it
 
         def on_signal(*_):
@@ -649,6 +916,9 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGINT, on_signal)
         if app.quiet:
             g._progress = lambda *a: None  # type: ignore[method-assign]
+        from hotplane.shared.ready import report_ready
+
+        report_ready("gen", {"tool": "gen", "port": app.port, "slot": app.name}, as_json=app.json)
         doc = g.run()
     except GenError as e:
         print(f"hotplane gen: {e}", file=sys.stderr)
@@ -665,9 +935,11 @@ def main(argv: list[str]) -> int:
         write_report(app.report, doc)
     if app.json:
         out = {k: v for k, v in doc.items() if k != "per_flow_sent"}
-        if doc["flows"] <= 4096:
+        if doc.get("flows", 0) <= 4096 and "per_flow_sent" in doc:
             out["per_flow_sent"] = doc["per_flow_sent"]
         print(json.dumps(out))
+    elif app.replay:
+        print_replay_table(doc)
     else:
         print_table(doc)
     return EXIT_OK

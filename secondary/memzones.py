@@ -12,6 +12,9 @@ from hotplane.shared.instance import InstanceError, describe, eal_init
 
 def main(argv: list[str]) -> int:
     opts = parse_or_exit(argv, prog="hotplane memzones", role="secondary")
+    if opts.vdevs:
+        print(f"hotplane memzones: --vdev {opts.vdevs[0]} is not supported: ports are the primary's --inside/--outside", file=sys.stderr)
+        return EXIT_USAGE
     ap = argparse.ArgumentParser(prog="hotplane memzones ... --")
     ap.add_argument("--json", action="store_true")
     try:

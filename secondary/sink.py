@@ -9,6 +9,13 @@
   network namespace) through its own AF_PACKET socket with an RX ring
   (frames this host sends itself are ignored). An explicit ``--file-prefix``
   also publishes its figures to that instance's ``traffic`` zone.
+* ``--port pcap:FILE``: needs no instance; verifies the frames of a capture
+  file (what a ``pcap:FILE,mode=capture`` port or ``tcpdump -w`` wrote), to
+  the end of the file (or ``--duration``). A truncated file or one of another
+  link type is refused before anything is counted.
+
+``--capture FILE`` also writes every frame the sink receives into FILE (pcap,
+for tcpdump or Wireshark), whatever the port.
 
 Each packet's IPv4 and L4 checksums, stamp (flow id, sequence, check word)
 and fill are verified (:class:`hotplane.shared.traffic.Sink`); per flow it
@@ -21,8 +28,12 @@ the gaps below each flow's highest sequence seen (tail loss is invisible).
 The run ends at ``--duration``, or ``--idle-exit S`` seconds after the last
 packet once some arrived, or on SIGTERM/SIGINT. With ``--expect`` the sink
 then waits for the file (at most ``--expect-wait`` s, still draining), drains
-what is still in flight, and reports. Progress line every second on stderr;
-final report as a table (``--per-flow``: with one row per flow) or JSON.
+what is still in flight, and reports. Once its port is open it reports
+READY (to the supervisor named by ``$HOTPLANE_SUPERVISOR_SOCKET``, and as a
+first line on stdout: ``READY sink pid N``, or JSON with ``"event": "ready"``
+under ``--json``; ``sink: ready on PORT`` also goes to stderr). Progress
+line every second on stderr; final report as a table (``--per-flow``: with
+one row per flow) or, with ``--json``, JSON as the last line of stdout.
 
 Exit codes (for tests and CI): 0 clean -- packets arrived and none was lost,
 duplicated or corrupted (reordering is reported, and fails only with
@@ -154,6 +165,42 @@ class AfPacketSource:
         self.afq.close()
 
 
+class PcapSource:
+    """A capture file, read in bursts to its end."""
+
+    kind = "pcap"
+
+    def __init__(self, path: str, burst: int) -> None:
+        from hotplane.shared.pcap_port import PcapError, PcapReader
+
+        try:
+            self.reader = PcapReader(path)
+            self.records = self.reader.scan()  # refuse a cut or corrupt file before counting anything
+        except PcapError as e:
+            raise GenError(str(e)) from None
+        except OSError as e:
+            raise GenError(f"cannot read {path}: {e.strerror or e}") from None
+        self.burst = burst
+        self.exhausted = False
+
+    def poll(self, verify) -> int:
+        b = self.reader.read_batch(self.burst)
+        if b is None:
+            self.exhausted = True
+            return 0
+        verify(b.frames, b.lengths)
+        return len(b)
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(min(timeout, 0.01))  # only called once the file is read: nothing more will come
+
+    def drops(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 class SinkRun:
     def __init__(self, app: argparse.Namespace, source, slot: TrafficSlot | None) -> None:
         from hotplane.shared.packet import ParsedBurst
@@ -170,10 +217,13 @@ class SinkRun:
         self.expect_error: str | None = None
         self.first_rx: float | None = None
         self.last_rx: float | None = None
+        self.capture = None  # a PcapWriter with --capture FILE
 
     def _verify(self, frames: np.ndarray, lengths: np.ndarray) -> None:
         self.sink.verify(frames, lengths)
         self.bytes += int(lengths.sum())
+        if self.capture is not None:
+            self.capture.write_burst(frames, lengths)
 
     def _pump(self) -> int:
         got = self.source.poll(self._verify)
@@ -207,6 +257,8 @@ class SinkRun:
                 break
             if app.idle_exit is not None and self.last_rx is not None and now - self.last_rx >= app.idle_exit:
                 break
+            if getattr(self.source, "exhausted", False):
+                break  # a file source: its last frame was read
             if not got:
                 self.source.wait(min(0.01, max(0.0, end - now)))
         self.recv_elapsed = time.monotonic() - start
@@ -251,14 +303,14 @@ class SinkRun:
 
     def _progress(self, el: float, pps: float) -> None:
         s = self.sink
-        lost = int(np.maximum(s.max_seq + 1 - s.received, 0).sum()) if s.received.size else 0
+        lost = s.lost_so_far()
         print(f"sink: {el:6.1f}s {pps:12,.0f} pps  received {int(s.received.sum()):,}  gaps {lost:,}  dup {int(s.dups.sum()):,}  "
               f"corrupt {s.corrupted:,}  not ours {s.not_ours:,}", file=sys.stderr, flush=True)
 
     def _publish(self, final: bool = False, doc: dict | None = None) -> None:
         s = self.sink
         if doc is None:
-            lost = int(np.maximum(s.max_seq + 1 - s.received, 0).sum()) if s.received.size else 0
+            lost = s.lost_so_far()
             fields = dict(packets=int(s.received.sum()), bytes=self.bytes, lost=lost, duplicated=int(s.dups.sum()),
                           reordered=int(s.reord.sum()), corrupted=int(s.corrupted), flows=int(np.count_nonzero(s.received)))
         else:
@@ -301,6 +353,8 @@ class SinkRun:
         for k in ("lost", "duplicated", "corrupted"):
             if rep[k]:
                 problems.append(f"{k} {rep[k]}")
+        if rep["beyond_max_flows"]:
+            problems.append(f"{rep['beyond_max_flows']} packets of flow ids >= --max-flows {app.max_flows} (not counted per flow)")
         if app.fail_on_reorder and rep["reordered"]:
             problems.append(f"reordered {rep['reordered']}")
         if self.expect_error:
@@ -318,7 +372,8 @@ def print_table(doc: dict, per_flow: bool, out=sys.stdout) -> None:
         ("lost", f"{doc['lost']:,}" + (f"  (generator ring drops {doc['lost_ring_drops']:,}, in the path {doc['lost_in_path']:,})" if "lost_ring_drops" in doc else "")),
         ("duplicated", f"{doc['duplicated']:,}"),
         ("reordered", f"{doc['reordered']:,}"),
-        ("corrupted", f"{doc['corrupted']:,}" + (" (" + ", ".join(f"{k} {v}" for k, v in doc["corrupted_by_reason"].items() if v) + ")" if doc["corrupted"] else "")),
+        ("corrupted", f"{doc['corrupted']:,}" + (" (" + ", ".join(f"{k} {v}" for k, v in doc["corrupted_by_reason"].items() if v)
+                                                  + f"; {doc['corrupted_unattributed']:,} without a readable flow)" if doc["corrupted"] else "")),
         ("not ours", f"{doc['not_ours']:,}"),
         ("rate", f"{doc['pps']:,.0f} pps over {doc['active']:.3f} s"),
         ("verdict", "clean" if doc["clean"] else "NOT CLEAN: " + "; ".join(doc["problems"])),
@@ -326,9 +381,9 @@ def print_table(doc: dict, per_flow: bool, out=sys.stdout) -> None:
     for k, v in rows:
         print(f"{k:>11}: {v}", file=out)
     if per_flow:
-        print(f"{'flow':>8} {'expected':>10} {'received':>10} {'lost':>8} {'dup':>6} {'reord':>6}", file=out)
+        print(f"{'flow':>8} {'expected':>10} {'received':>10} {'lost':>8} {'dup':>6} {'reord':>6} {'corrupt':>7}", file=out)
         for f in doc["flows"]:
-            print(f"{f['flow']:>8} {f['expected']:>10,} {f['received']:>10,} {f['lost']:>8,} {f['duplicated']:>6,} {f['reordered']:>6,}", file=out)
+            print(f"{f['flow']:>8} {f['expected']:>10,} {f['received']:>10,} {f['lost']:>8,} {f['duplicated']:>6,} {f['reordered']:>6,} {f['corrupted']:>7,}", file=out)
 
 
 def app_parser() -> argparse.ArgumentParser:
@@ -337,8 +392,10 @@ def app_parser() -> argparse.ArgumentParser:
         description="verifying sink: received, lost, duplicated, reordered, corrupted -- per flow and in total",
         epilog="exit codes: 0 clean; 1 lost/duplicated/corrupted, nothing received, or failure; 2 usage",
     )
-    ap.add_argument("--port", help="ring:NAME (reads the port's TX rings, all queues) or af_packet:IFACE (own RX ring in this netns)")
-    ap.add_argument("--duration", type=float, default=DEFAULT_DURATION, help=f"seconds to receive at most (default {DEFAULT_DURATION:g})")
+    ap.add_argument("--port", help="ring:NAME (reads the port's TX rings, all queues), af_packet:IFACE (own RX ring in this netns) "
+                    "or pcap:FILE (verifies a capture file)")
+    ap.add_argument("--duration", type=float, default=None, help=f"seconds to receive at most (default {DEFAULT_DURATION:g}; pcap: the whole file)")
+    ap.add_argument("--capture", metavar="FILE", help="also write every frame received into this pcap file")
     ap.add_argument("--idle-exit", type=float, help="stop S seconds after the last packet, once some arrived")
     ap.add_argument("--expect", metavar="FILE", help="the generator's --report: exact loss (waits for it, bounded)")
     ap.add_argument("--expect-wait", type=float, default=DEFAULT_EXPECT_WAIT, help=f"seconds to wait for --expect FILE (default {DEFAULT_EXPECT_WAIT:g})")
@@ -358,9 +415,11 @@ def app_parser() -> argparse.ArgumentParser:
 
 def check_app(app: argparse.Namespace) -> None:
     if not app.port:
-        raise UsageProblem("--port is required: ring:NAME or af_packet:IFACE")
-    if app.duration <= 0:
+        raise UsageProblem("--port is required: ring:NAME, af_packet:IFACE or pcap:FILE")
+    if app.duration is not None and app.duration <= 0:
         raise UsageProblem("--duration must be > 0 seconds")
+    if app.duration is None:
+        app.duration = float("inf") if app.port.lower().startswith("pcap:") else DEFAULT_DURATION
     if app.idle_exit is not None and app.idle_exit <= 0:
         raise UsageProblem("--idle-exit must be > 0 seconds")
     if app.expect_wait < 0:
@@ -386,12 +445,14 @@ def main(argv: list[str]) -> int:
     try:
         check_app(app)
         spec = parse_port_spec(app.port)
-        if spec.type not in ("ring", "af_packet"):
-            raise UsageProblem(f"--port {app.port}: the sink reads ring: or af_packet: ports")
+        if opts.vdevs:
+            raise UsageProblem(f"--vdev {opts.vdevs[0]} is not supported: the sink's port is --port SPEC (after --)")
+        if app.capture and spec.type == "pcap" and os.path.abspath(app.capture) == os.path.abspath(spec.name):
+            raise UsageProblem(f"--capture {app.capture} is the file --port reads")
     except (UsageProblem, ValueError) as e:
         print(f"hotplane sink: {e}", file=sys.stderr)
         return EXIT_USAGE
-    inst = slot = source = None
+    inst = slot = source = capture = None
     try:
         if spec.type == "ring" or eal_prefix_given(argv):
             from hotplane.shared.instance import InstanceError, eal_init
@@ -416,15 +477,28 @@ def main(argv: list[str]) -> int:
                 source = RingSource(attach_ring(inst, app.port, spec), app.burst, arp)
             except (MemzoneError, ValueError) as e:
                 raise GenError(str(e)) from None
+        elif spec.type == "pcap":
+            source = PcapSource(spec.name, app.burst)
         else:
             source = AfPacketSource(spec.name, app.slots, app.burst)
+        if app.capture:
+            from hotplane.shared.pcap_port import PcapWriter
+
+            try:
+                capture = PcapWriter(app.capture)
+            except OSError as e:
+                raise GenError(f"cannot write --capture {app.capture}: {e.strerror or e}") from None
         if inst is not None:
             from hotplane.schema.traffic import KIND_SINK
 
             slot = TrafficSlot.claim(inst, app.name, KIND_SINK)
         run = SinkRun(app, source, slot)
+        run.capture = capture
         # Scripts and tests wait for this line before they start sending.
         print(f"sink: ready on {app.port}", file=sys.stderr, flush=True)
+        from hotplane.shared.ready import report_ready
+
+        report_ready("sink", {"tool": "sink", "port": app.port, "slot": app.name}, as_json=app.json)
 
         def on_signal(*_):
             run.stop = True
@@ -440,6 +514,8 @@ def main(argv: list[str]) -> int:
     finally:
         if source is not None:
             source.close()
+        if capture is not None:
+            capture.close()
         if slot is not None and slot.rec["running"][0]:
             slot.finish()
         if inst is not None:

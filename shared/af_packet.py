@@ -298,11 +298,39 @@ def read_packet_statistics(sock: socket.socket) -> tuple[int, int]:
 
     ``packets`` counts every frame the socket was offered, including the
     ``drops`` the full RX ring had to refuse. Exactly one process should read
-    a queue's statistics and accumulate them (:meth:`AfPacketQueue.read_kernel_stats`).
+    a queue's statistics and accumulate them (:func:`collect_kernel_drops`).
     """
     raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
     packets, drops = struct.unpack("=II", raw)
     return packets, drops
+
+
+def collect_kernel_drops(*queues) -> int:
+    """Add each af_packet queue's kernel drops since the last read to its ``kernel_drops`` word.
+
+    Called by the queue's *owner* only (the worker, inside its pass, on its
+    ~10 ms tick): PACKET_STATISTICS resets the kernel's counters on every
+    read, so a second reader would steal counts. Nobody reads while no worker
+    owns the queue; the kernel keeps counting meanwhile, and the next owner's
+    first read collects everything. ``queues`` are burst-engine queues; those
+    that are not af_packet (no :class:`Doorbell`) are skipped. Returns the
+    drops added. Never raises: a statistics read must not kill a worker.
+    """
+    from hotplane.schema.port import W_KERNEL_DROPS
+
+    added = 0
+    for q in queues:
+        bell = q.doorbell
+        if not isinstance(bell, Doorbell):
+            continue
+        try:
+            _packets, drops = read_packet_statistics(bell.sock)
+        except OSError:
+            continue
+        if drops:
+            q.words[W_KERNEL_DROPS] += drops
+            added += drops
+    return added
 
 
 @dataclass
@@ -349,7 +377,12 @@ class AfPacketQueue:
         return self.sock.fileno()
 
     def read_kernel_stats(self) -> KernelStats:
-        """Add the kernel's counters since the last read to :attr:`stats` and return it."""
+        """Add the kernel's counters since the last read to :attr:`stats` and return it.
+
+        For a socket this process alone reads (the sink's, a test's). The
+        primary never calls it on a port's queues: their owner (the worker)
+        collects into the queue state (:func:`collect_kernel_drops`).
+        """
         packets, drops = read_packet_statistics(self.sock)
         self.stats.packets += packets
         self.stats.drops += drops

@@ -17,7 +17,9 @@ The port side is a *peer* of a :class:`~hotplane.shared.ring_port.RingPort`
 (the rings a worker polls): :class:`PcapReplay` feeds the RX rings (at the
 recorded rate or as fast as the rings take them), :class:`PcapCapture` drains
 the TX rings into a file, and :class:`PcapPort` runs whichever the spec's
-``mode`` asks for.
+``mode`` asks for. :class:`PcapPortRunner` is the thread that does it for a
+primary whose ``--inside``/``--outside`` is a ``pcap:`` port -- the "NIC" of
+such a port, as DPDK's net_pcap vdev reads ``rx_pcap`` and writes ``tx_pcap``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
@@ -152,6 +156,35 @@ class PcapReader:
     def done(self) -> bool:
         return self._pos >= self._size or self.truncated
 
+    def scan(self) -> int:
+        """Walk every record header once (no packet data is read) and return the record count.
+
+        Raises :class:`PcapError` for a truncated or corrupt file unless it was
+        opened with ``allow_truncated`` (then the count is of the whole
+        records and :attr:`truncated` is set). Commands call it before they
+        start, so a bad file is refused up front, not half-way through a replay.
+        """
+        pos, size, rec, m = GLOBAL_HEADER, self._size, self._rec, self._map
+        limit = max(self.snaplen, MAX_RECORD)
+        count = 0
+        while pos < size:
+            if pos + RECORD_HEADER > size:
+                self._truncated_at(count, pos, RECORD_HEADER, size - pos, "record header")
+                break
+            incl = rec.unpack_from(m, pos)[2]
+            if incl > limit:
+                raise PcapError(
+                    f"pcap file {self.path} is corrupt: record {count} at byte offset {pos} claims {incl} bytes "
+                    f"(more than the file's snaplen {self.snaplen}); the file is damaged: re-capture it or repair it with `pcapfix`"
+                )
+            if pos + RECORD_HEADER + incl > size:
+                self._truncated_at(count, pos, RECORD_HEADER + incl, size - pos, "packet")
+                break
+            pos += RECORD_HEADER + incl
+            count += 1
+        self.truncated = False  # scanning reads nothing: read_batch finds the cut again
+        return count
+
     def read_batch(self, max_n: int = 256, width: int | None = None) -> PcapBatch | None:
         """The next up to ``max_n`` packets, or None at the end of the file.
 
@@ -247,14 +280,46 @@ def read_pcap(path: str | os.PathLike, *, allow_truncated: bool = False) -> Pcap
 class PcapWriter:
     """Write Ethernet frames to a classic pcap file (little-endian, v2.4, microseconds, LINKTYPE_ETHERNET)."""
 
-    def __init__(self, path: str | os.PathLike, snaplen: int = DEFAULT_SNAPLEN) -> None:
+    def __init__(self, path: str | os.PathLike, snaplen: int = DEFAULT_SNAPLEN, *, append: bool = False) -> None:
+        """Create (truncate) ``path``; with ``append``, continue a file this writer's format already holds.
+
+        Appending to a file of another format (big-endian, nanoseconds,
+        another link type or snaplen) would make it unreadable: refused with a
+        :class:`PcapError`. A record cut short at the end (a writer killed
+        mid-write) is cut off before appending.
+        """
         if not 14 <= snaplen <= MAX_RECORD:
             raise ValueError(f"pcap writer: snaplen {snaplen} must be between 14 and {MAX_RECORD}")
         self.path = os.fspath(path)
         self.snaplen = snaplen
         self.records = 0
-        self._f: BinaryIO | None = open(self.path, "wb")
-        self._f.write(struct.pack("<IHHiIII", MAGIC_US, 2, 4, 0, 0, snaplen, LINKTYPE_ETHERNET))
+        header = struct.pack("<IHHiIII", MAGIC_US, 2, 4, 0, 0, snaplen, LINKTYPE_ETHERNET)
+        if append and os.path.exists(self.path) and os.path.getsize(self.path) >= GLOBAL_HEADER:
+            with open(self.path, "rb") as f:
+                head = f.read(GLOBAL_HEADER)
+            if head != header:
+                raise PcapError(f"cannot append to {self.path}: it is not a pcap file of this writer's format "
+                                f"(little-endian, microseconds, Ethernet, snaplen {snaplen}); move it away or capture to another file")
+            with PcapReader(self.path, allow_truncated=True) as r:
+                self.records = r.scan()
+                end = self._whole_end(r)
+            self._f: BinaryIO | None = open(self.path, "r+b")
+            self._f.truncate(end)
+            self._f.seek(end)
+            return
+        self._f = open(self.path, "wb")
+        self._f.write(header)
+
+    @staticmethod
+    def _whole_end(r: "PcapReader") -> int:
+        """Byte offset just past the last whole record of ``r``'s file."""
+        pos, size, rec, m = GLOBAL_HEADER, r._size, r._rec, r._map
+        while pos + RECORD_HEADER <= size:
+            incl = rec.unpack_from(m, pos)[2]
+            if pos + RECORD_HEADER + incl > size:
+                break
+            pos += RECORD_HEADER + incl
+        return pos
 
     def write_burst(self, frames: np.ndarray, lengths: np.ndarray, ts_ns: "np.ndarray | int | None" = None, orig_lengths: np.ndarray | None = None) -> int:
         """Append frames ``frames[j, :lengths[j]]`` (cut to the snaplen) in one write; returns how many."""
@@ -315,6 +380,7 @@ class ReplayStats:
     sent: int = 0
     dropped: int = 0
     loops_done: int = 0
+    skipped: int = 0  # replayed before a restart: not sent again
 
 
 class PcapReplay:
@@ -328,7 +394,9 @@ class PcapReplay:
     generators). The frames' RX timestamps are the time they are queued.
     """
 
-    def __init__(self, path: str | os.PathLike, *, rate: str = "recorded", loop: int = 1, burst: int = 256, allow_truncated: bool = False, backpressure: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, rate: str = "recorded", loop: int = 1, burst: int = 256, allow_truncated: bool = False,
+                 backpressure: bool = False, skip: int = 0) -> None:
+        """``skip``: frames already replayed (a restarted primary resumes after them)."""
         if rate not in ("recorded", "max"):
             raise ValueError(f"pcap replay: rate must be 'recorded' or 'max', got {rate!r}")
         if loop < 1:
@@ -345,6 +413,7 @@ class PcapReplay:
         self._t0_wall = 0
         self._loop_offset = 0  # ns added to file timestamps on later loops
         self._last_ts = 0
+        self._skip = max(0, int(skip))
 
     @property
     def done(self) -> bool:
@@ -365,23 +434,32 @@ class PcapReplay:
             b.ts_ns = b.ts_ns + self._loop_offset
             self._last_ts = int(b.ts_ns[-1]) - self._loop_offset
             self.stats.read += len(b)
-            self._pending, self._pending_at = b, 0
+            at = 0
+            if self._skip:
+                at = min(self._skip, len(b))
+                self._skip -= at
+                self.stats.skipped += at
+                if at == len(b):
+                    continue
+            self._pending, self._pending_at = b, at
         return self._pending is not None
 
-    def step(self, port: RingPort, now_ns: int | None = None) -> int:
-        """Queue every frame due by ``now_ns`` (monotonic), at most one burst; returns frames handled (sent or dropped)."""
-        if not self._next_batch():
+    def step(self, port: RingPort, now_ns: int | None = None, limit: int | None = None) -> int:
+        """Queue every frame due by ``now_ns`` (monotonic), at most one burst and ``limit`` frames; returns frames handled (sent or dropped)."""
+        if not self._next_batch() or (limit is not None and limit <= 0):
             return 0
         b, a = self._pending, self._pending_at
         now = time.monotonic_ns() if now_ns is None else now_ns
         if self._t0_file is None:
-            self._t0_file, self._t0_wall = int(b.ts_ns[0]), now
+            self._t0_file, self._t0_wall = int(b.ts_ns[a]), now
         end = len(b)
         if self.rate == "recorded":
             due = self._t0_wall + (b.ts_ns[a:] - self._t0_file)
             end = a + int(np.searchsorted(due, now, side="right"))
             if end == a:
                 return 0
+        if limit is not None:
+            end = min(end, a + limit)
         frames, lengths = b.frames[a:end], b.lengths[a:end]
         if self.backpressure:
             taken = self._send_lossless(port, frames, lengths)
@@ -445,8 +523,8 @@ class PcapReplay:
 class PcapCapture:
     """Drain a ring port's TX rings into a pcap file (what the worker sends on a ``pcap:FILE,mode=capture`` port)."""
 
-    def __init__(self, path: str | os.PathLike, *, snaplen: int = DEFAULT_SNAPLEN, burst: int = 256, width: int = 65536) -> None:
-        self.writer = PcapWriter(path, snaplen)
+    def __init__(self, path: str | os.PathLike, *, snaplen: int = DEFAULT_SNAPLEN, burst: int = 256, width: int = 65536, append: bool = False) -> None:
+        self.writer = PcapWriter(path, snaplen, append=append)
         self.burst = burst
         self._frames: np.ndarray | None = None
         self._lengths = np.zeros(burst, dtype=np.uint32)
@@ -460,6 +538,7 @@ class PcapCapture:
         n = port.peer_recv(min(max_n or self.burst, self.burst), self._frames, self._lengths)
         if n:
             self.writer.write_burst(self._frames, self._lengths[:n])
+            self.writer.flush()  # whole records on disk per burst: tcpdump can read the file while it grows
             self.captured += n
         return n
 
@@ -475,7 +554,10 @@ class PcapPort:
     appends what the worker sends to the file; the RX rings stay empty.
     """
 
-    def __init__(self, spec: "PortSpec | str", port: RingPort, *, backpressure: bool = False, allow_truncated: bool = False) -> None:
+    def __init__(self, spec: "PortSpec | str", port: RingPort, *, backpressure: bool = False, allow_truncated: bool = False, resume: bool = False) -> None:
+        """``resume``: the port's zones outlived a previous peer (a restarted primary): a replay
+        continues after the frames the RX rings already took (their peer counters), a capture
+        appends to its file."""
         if isinstance(spec, str):
             spec = parse_port_spec(spec)
         if spec.type != "pcap":
@@ -487,16 +569,19 @@ class PcapPort:
         self.capture: PcapCapture | None = None
         self.discarded = 0
         if self.mode == "replay":
-            self.replay = PcapReplay(spec.name, rate=spec.options["rate"], loop=spec.options["loop"], allow_truncated=allow_truncated, backpressure=backpressure)
+            done = sum(r.peer_counters()["frames"] + r.peer_counters()["drops"] for r in port.rx_rings) if resume else 0
+            self.replay = PcapReplay(spec.name, rate=spec.options["rate"], loop=spec.options["loop"], allow_truncated=allow_truncated,
+                                     backpressure=backpressure, skip=done)
+            self.replay.reader.scan()  # a truncated or corrupt file is refused now, not half-way through
             self._sink = np.zeros((256, port.frame_size), dtype=np.uint8)
             self._sink_len = np.zeros(256, dtype=np.uint32)
         else:
-            self.capture = PcapCapture(spec.name)
+            self.capture = PcapCapture(spec.name, append=resume)
 
-    def step(self) -> int:
-        """One round of the peer's work; returns frames moved."""
+    def step(self, limit: int | None = None) -> int:
+        """One round of the peer's work (a replay queues at most ``limit`` frames); returns frames moved."""
         if self.replay is not None:
-            moved = self.replay.step(self.port)
+            moved = self.replay.step(self.port, limit=limit)
             got = self.port.peer_recv(256, self._sink, self._sink_len)
             self.discarded += got
             return moved + got
@@ -511,3 +596,99 @@ class PcapPort:
             self.replay.close()
         if self.capture is not None:
             self.capture.close()
+
+
+class PcapPortRunner:
+    """The thread that is the "NIC" of a primary's ``pcap:`` ports: replays files into RX rings, captures TX rings.
+
+    Replays are lossless (``backpressure``): a frame waits for RX ring room
+    instead of being dropped, at its recorded time or as fast as the worker
+    polls (``rate=max``), as DPDK's net_pcap reads its file in rx_burst. With
+    capture ports in the same runner the replay is also clocked by them: it
+    keeps no more frames in flight on queue ``j`` (waiting in its RX ring)
+    than capture queue ``j``'s TX ring has free slots, so a worker forwarding
+    replay -> capture never finds that TX ring full because the file writer
+    lags (net_pcap's TX writes synchronously and never drops either). What a
+    worker sends on a replay port is discarded (counted in ``discarded``).
+    """
+
+    IDLE_SLEEP = 0.0005
+
+    def __init__(self, ports: list[PcapPort], log=None) -> None:
+        self.ports = ports
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="pcap-ports", daemon=True)
+        self._announced: set[int] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            while not self._stop.is_set():
+                moved = 0
+                for i, p in enumerate(self.ports):
+                    moved += p.step(self._budget(p))
+                    if p.done and i not in self._announced:
+                        self._announced.add(i)
+                        st = p.replay.stats
+                        self.log(f"pcap replay of {p.spec.name} done: {st.sent} frames sent"
+                                 + (f" ({st.skipped} already replayed before a restart)" if st.skipped else ""))
+                if not moved:
+                    self._stop.wait(self._idle_wait())
+        except BaseException as e:  # reported by stop(); the primary keeps serving
+            self.error = e
+            self.log(f"pcap ports stopped: {e}")
+
+    def _budget(self, p: PcapPort) -> int | None:
+        """How many more frames replay port ``p`` may queue without overrunning a capture port's TX ring."""
+        if p.replay is None:
+            return None
+        budget = None
+        for c in self.ports:
+            if c.capture is None:
+                continue
+            for rx, tx in zip(p.port.rx_rings, c.port.tx_rings):
+                room = tx.nslots - tx.count_ready() - rx.count_ready()
+                budget = room if budget is None else min(budget, room)
+        return budget
+
+    def _idle_wait(self) -> float:
+        now = time.monotonic_ns()
+        wait = 0.01
+        for p in self.ports:
+            if p.replay is not None and not p.replay.done:
+                due = p.replay.next_due_ns()
+                if due is not None:
+                    wait = min(wait, max(0.0, (due - now) / 1e9))
+            elif p.capture is not None:
+                wait = min(wait, self.IDLE_SLEEP)
+        return max(wait, self.IDLE_SLEEP)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread, then drain what the capture ports' TX rings still hold and close every file."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        for p in self.ports:
+            try:
+                if p.capture is not None and self.error is None:
+                    while p.capture.drain(p.port):
+                        pass
+            finally:
+                p.close()
+
+    def status(self) -> list[dict]:
+        """Per port: file, mode and frames moved (for the primary's ``status``)."""
+        out = []
+        for p in self.ports:
+            d = {"file": p.spec.name, "mode": p.mode}
+            if p.replay is not None:
+                st = p.replay.stats
+                d.update(sent=st.sent, skipped=st.skipped, done=p.done, discarded=p.discarded)
+            else:
+                d.update(captured=p.capture.captured, records=p.capture.writer.records)
+            out.append(d)
+        return out

@@ -1,6 +1,17 @@
-"""Ports placed in the instance memory: ring ports' zones reserved by the primary, attached by others."""
+"""Ports placed in the instance memory: ring ports' zones reserved by the primary, attached by others.
+
+A ``pcap:FILE`` port is a ring port whose peer is the primary's
+:class:`~hotplane.shared.pcap_port.PcapPortRunner` (it replays FILE into the
+RX rings, or captures the TX rings into FILE). Its zones are those of a ring
+port named after the file (:func:`pcap_ring_spec`), so workers poll it with
+the same burst engine and never open the file themselves.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import re
 
 import numpy as np
 
@@ -57,6 +68,49 @@ def attach_ring_port(directory: Directory, spec: PortSpec | str, steering: Steer
     return port
 
 
+_RING_OPTS = ("queues", "slots", "frame", "steer", "port_lo", "block")
+
+
+def pcap_ring_spec(spec: PortSpec | str) -> PortSpec:
+    """The ring port that carries a ``pcap:FILE`` port's frames: ``ring:pcap-<stem>-<hash of FILE>``.
+
+    Derived from the spec's file name as written, so the primary and every
+    worker (which only see the spec string) find the same zones.
+    """
+    spec = parse_port_spec(spec) if isinstance(spec, str) else spec
+    if spec.type != "pcap":
+        raise ValueError(f"{spec} is not a pcap port")
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(spec.name).rsplit(".", 1)[0])[:12] or "file"
+    digest = hashlib.sha1(spec.name.encode()).hexdigest()[:10]
+    opts = {k: spec.options[k] for k in _RING_OPTS if k in spec.options}
+    return PortSpec("ring", f"pcap-{stem}-{digest}", opts)
+
+
+def reserve_pcap_port(directory: Directory, spec: PortSpec | str):
+    """The primary's side of a ``pcap:`` port: its ring zones and the peer that moves frames to and from FILE.
+
+    Returns a :class:`~hotplane.shared.pcap_port.PcapPort` (run it with a
+    ``PcapPortRunner``). Zones that outlived a previous primary mean a
+    restart: the replay resumes after what the rings already took, the
+    capture appends. Raises :class:`~hotplane.shared.pcap_port.PcapError` for
+    a file that cannot be used (missing, truncated, not Ethernet, ...).
+    """
+    from hotplane.shared.pcap_port import PcapError, PcapPort
+
+    spec = parse_port_spec(spec) if isinstance(spec, str) else spec
+    if spec.options.get("mode") == "replay" and not os.path.isfile(spec.name):
+        raise PcapError(f"pcap port {spec}: no file {spec.name!r} to replay (give an existing capture, e.g. one `tcpdump -w` or `hotplane gen --port pcap:FILE` wrote)")
+    if spec.options.get("mode") == "capture":
+        parent = os.path.dirname(os.path.abspath(spec.name))
+        if not os.path.isdir(parent):
+            raise PcapError(f"pcap port {spec}: directory {parent} does not exist: create it or capture elsewhere")
+    port, created = reserve_ring_port(directory, pcap_ring_spec(spec))
+    try:
+        return PcapPort(spec, port, backpressure=True, resume=not created)
+    except OSError as e:
+        raise PcapError(f"pcap port {spec}: cannot open {spec.name!r}: {e.strerror or e}") from None
+
+
 def af_packet_state_zone(spec: PortSpec) -> str:
     return f"afp.{spec.name}.state"
 
@@ -80,7 +134,7 @@ def ring_params_for(spec: PortSpec):
 def port_queue(directory: Directory, spec: PortSpec | str, qid: int, *, fds_from=None):
     """A worker's Queue ``qid`` of a port: (queue, keep) where ``keep`` must outlive the queue.
 
-    Ring ports come from memzones (``keep`` is the RingPort), af_packet queues
+    Ring and pcap ports come from memzones (``keep`` is the RingPort), af_packet queues
     from a socket fd the primary passes (``keep`` is that fd: the rings stay
     mapped only while it is open).
 
@@ -93,6 +147,11 @@ def port_queue(directory: Directory, spec: PortSpec | str, qid: int, *, fds_from
     spec = parse_port_spec(spec) if isinstance(spec, str) else spec
     if spec.type == "ring":
         port = attach_ring_port(directory, spec)
+        if qid >= port.nqueues:
+            raise ValueError(f"port {spec} has {port.nqueues} queues; queue {qid} does not exist")
+        return port.queues[qid], port
+    if spec.type == "pcap":
+        port = attach_ring_port(directory, pcap_ring_spec(spec))
         if qid >= port.nqueues:
             raise ValueError(f"port {spec} has {port.nqueues} queues; queue {qid} does not exist")
         return port.queues[qid], port

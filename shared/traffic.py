@@ -7,6 +7,21 @@ checksums, the stamp and the fill, and counts per flow what it received,
 lost, duplicated, reordered and corrupted. Both sides are vectorized over
 bursts: the generator copies a per-flow template and patches the stamp and
 checksums; the sink checks a whole burst with numpy.
+
+How the sink classifies an arrival (per flow, and summed for the totals):
+
+* a packet whose stamp is *readable* -- magic and check word agree, so flow
+  and sequence number are known (the check word mixes both: a damaged stamp
+  keeps a matching one with probability 2**-32) -- is an arrival of
+  (flow, seq). Its first arrival is *received* when the packet is intact and
+  *corrupted* when an IP or L4 checksum or the fill is wrong; a later arrival
+  of the same (flow, seq) is *duplicated* (intact or not). An intact first
+  arrival below the highest seq its flow had seen is also *reordered*.
+* a damaged packet whose stamp is not readable is *corrupted* in the total
+  only (``corrupted_unattributed``): its flow is unknown, and its sequence
+  number stays missing, so it also shows as *lost*.
+* ``lost`` per flow = expected - received - corrupted first arrivals: a
+  packet that arrived damaged was delivered, badly, not lost.
 """
 
 from __future__ import annotations
@@ -184,6 +199,31 @@ class Generator:
         return self.seq.copy()
 
 
+def _read_stamps(frames: np.ndarray, lengths: np.ndarray, so: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The stamps at byte offsets ``so``: (ours: fits and magic, flow, seq, check word agrees)."""
+    fits = so + STAMP_LEN <= lengths
+    cols = np.clip(so[:, None] + np.arange(STAMP_LEN)[None, :], 0, frames.shape[1] - 1)
+    st = np.take_along_axis(frames, cols, axis=1)
+    magic = st[:, 0:4].copy().view("<u4")[:, 0]
+    ours = fits & (magic == MAGIC)
+    flow = st[:, 4:8].copy().view("<u4")[:, 0].astype(np.int64)
+    seq_u = st[:, 8:16].copy().view("<u8")[:, 0]
+    chk = st[:, 16:20].copy().view("<u4")[:, 0]
+    stamp_ok = ours & (chk == check_word(flow, seq_u)) & (seq_u < np.uint64(1 << 40))
+    return ours, flow, seq_u.astype(np.int64), stamp_ok
+
+
+def _raw_stamp_offsets(frames: np.ndarray) -> np.ndarray:
+    """Where the stamp sits by the raw header bytes (IHL, protocol, TCP data offset), for frames the parser refused."""
+    last = frames.shape[1] - 1
+    rows = np.arange(frames.shape[0])
+    ihl = (frames[:, min(14, last)] & 0x0F).astype(np.int64) * 4
+    proto = frames[:, min(23, last)]
+    l4 = 14 + ihl
+    tcp_hdr = (frames[rows, np.minimum(l4 + 12, last)] >> 4).astype(np.int64) * 4
+    return l4 + np.where(proto == 6, tcp_hdr, 8)
+
+
 @dataclass
 class FlowReport:
     received: int
@@ -207,8 +247,11 @@ class Sink:
         self.dups = np.zeros(0, np.int64)
         self.reord = np.zeros(0, np.int64)
         self.max_seq = np.zeros(0, np.int64)
-        self.corrupted = 0  # a corrupted packet's flow cannot be trusted: counted in total
+        self.corrupt = np.zeros(0, np.int64)  # damaged arrivals with a readable stamp, per flow
+        self.corrupt_first = np.zeros(0, np.int64)  # ... of those, first arrivals of their seq (not lost)
+        self.corrupted = 0  # every damaged packet, attributed to a flow or not
         self.not_ours = 0  # frames without our stamp (ARP, stray traffic)
+        self.beyond_max_flows = 0  # stamped packets of a flow id >= max_flows (not counted per flow)
         self.corrupt_by_reason: dict[str, int] = {"ip_header": 0, "ip_checksum": 0, "l4_checksum": 0, "stamp": 0, "fill": 0}
 
     # -- growth ------------------------------------------------------------------------------
@@ -223,6 +266,8 @@ class Sink:
             self.received = np.r_[self.received, np.zeros(grow, np.int64)]
             self.dups = np.r_[self.dups, np.zeros(grow, np.int64)]
             self.reord = np.r_[self.reord, np.zeros(grow, np.int64)]
+            self.corrupt = np.r_[self.corrupt, np.zeros(grow, np.int64)]
+            self.corrupt_first = np.r_[self.corrupt_first, np.zeros(grow, np.int64)]
             self.max_seq = np.r_[self.max_seq, np.full(grow, -1, np.int64)]
         if max_seq >= self.seen.shape[1] * 8:
             cols = self.seen.shape[1]
@@ -260,8 +305,18 @@ class Sink:
         self.corrupt_by_reason["ip_checksum"] += int((reason == 6).sum())
         self.corrupt_by_reason["ip_header"] += int((ipbad & (reason != 6)).sum())
         self.corrupted += int(ipbad.sum())
+        bad_rows = np.flatnonzero(ipbad)
+        late_rows = None
+        if bad_rows.size:
+            # A bad IP header does not make the stamp unreadable: the stamp sits where the raw
+            # header bytes say, and the check word decides whether it is still what was sent.
+            b_ours, b_flow, b_seq, b_ok = _read_stamps(frames[bad_rows], lengths[bad_rows].astype(np.int64), _raw_stamp_offsets(frames[bad_rows]))
+            if b_ok.any():
+                late_rows = (bad_rows[b_ok], b_flow[b_ok], b_seq[b_ok])
         idx = np.flatnonzero(valid)
         if idx.size == 0:
+            if late_rows is not None:
+                self._account(late_rows[1], late_rows[2], np.ones(late_rows[0].size, bool))
             return
         fr = frames[idx]
         proto = pb.proto[idx]
@@ -278,11 +333,8 @@ class Sink:
         l4_ok = (folded == 0xFFFF) | ((proto == 17) & (wire_csum == 0))
         hdr = np.where(proto == 17, 8, np.where(proto == 6, (fr[rows, np.minimum(l4_off + 12, fr.shape[1] - 1)] >> 4).astype(np.int64) * 4, 8))
         so = l4_off + hdr
-        fits = so + STAMP_LEN <= lengths[idx].astype(np.int64)
-        cols = np.minimum(so[:, None] + np.arange(STAMP_LEN)[None, :], fr.shape[1] - 1)
-        st = np.take_along_axis(fr, cols, axis=1)
-        magic = st[:, 0:4].copy().view("<u4")[:, 0]
-        ours = fits & (magic == MAGIC)
+        lens = lengths[idx].astype(np.int64)
+        ours, flow, seq, stamp_ok = _read_stamps(fr, lens, so)
         if not ours.all():
             # A valid packet without our stamp is a stray unless its checksum is bad.
             stray2 = ~ours & l4_ok
@@ -291,15 +343,13 @@ class Sink:
             self.corrupted += int(bad_stamp.sum())
             self.corrupt_by_reason["l4_checksum"] += int(bad_stamp.sum())
             keep = ours
-            st, fr, l4_ok, so, idx = st[keep], fr[keep], l4_ok[keep], so[keep], idx[keep]
-            if idx.size == 0:
+            fr, l4_ok, so, lens, flow, seq, stamp_ok, idx = fr[keep], l4_ok[keep], so[keep], lens[keep], flow[keep], seq[keep], stamp_ok[keep], idx[keep]
+            if flow.size == 0:
+                if late_rows is not None:
+                    self._account(late_rows[1], late_rows[2], np.ones(late_rows[0].size, bool))
                 return
-        flow = st[:, 4:8].copy().view("<u4")[:, 0].astype(np.int64)
-        seq = st[:, 8:16].copy().view("<u8")[:, 0].astype(np.int64)
-        chk = st[:, 16:20].copy().view("<u4")[:, 0]
-        stamp_ok = chk == check_word(flow, seq)
         # Fill pattern after the stamp: (flow*7 + offset-in-payload) & 0xFF.
-        plen = lengths[idx].astype(np.int64) - so
+        plen = lens - so
         width = int(plen.max())
         k = np.arange(STAMP_LEN, width)
         fcols = np.minimum(so[:, None] + k[None, :], fr.shape[1] - 1)
@@ -314,14 +364,33 @@ class Sink:
             self.corrupt_by_reason["l4_checksum"] += int((~l4_ok).sum())
             self.corrupt_by_reason["stamp"] += int((l4_ok & ~stamp_ok).sum())
             self.corrupt_by_reason["fill"] += int((l4_ok & stamp_ok & ~fill_ok).sum())
-            flow, seq = flow[good], seq[good]
+        # Every readable stamp is an arrival; the damaged ones count as corrupted, not received.
+        rows, flow, seq, damaged = idx[stamp_ok], flow[stamp_ok], seq[stamp_ok], ~good[stamp_ok]
+        if late_rows is not None:
+            # Merge the readable packets with bad IP headers back in arrival order (reordering depends on it).
+            rows = np.r_[rows, late_rows[0]]
+            order = np.argsort(rows, kind="stable")
+            flow = np.r_[flow, late_rows[1]][order]
+            seq = np.r_[seq, late_rows[2]][order]
+            damaged = np.r_[damaged, np.ones(late_rows[0].size, bool)][order]
+        self._account(flow, seq, damaged)
+
+    def _account(self, flow: np.ndarray, seq: np.ndarray, damaged: np.ndarray | None = None) -> None:
+        """Count arrivals of (flow, seq); ``damaged`` marks corrupted ones (default: all intact)."""
+        if flow.size == 0:
+            return
+        beyond = flow >= self.max_flows
+        if beyond.any():
+            # A stamp of a flow this sink was not sized for: say so instead of failing the run.
+            self.beyond_max_flows += int(beyond.sum())
+            keep = ~beyond
+            flow, seq = flow[keep], seq[keep]
+            damaged = None if damaged is None else damaged[keep]
             if flow.size == 0:
                 return
-        self._account(flow, seq)
-
-    def _account(self, flow: np.ndarray, seq: np.ndarray) -> None:
         self._ensure(int(flow.max()), int(seq.max()))
         n = flow.size
+        intact = np.ones(n, bool) if damaged is None else ~damaged
         byte = seq >> 3
         bit = (1 << (seq & 7)).astype(np.uint8)
         # Duplicates: already seen, or repeated within this burst.
@@ -343,10 +412,19 @@ class Sink:
         late[forder] = fk < prior_best
         fresh = ~dup
         np.add.at(self.dups, flow[dup], 1)
-        np.add.at(self.reord, flow[late & fresh], 1)
-        np.add.at(self.received, flow[fresh], 1)
+        np.add.at(self.reord, flow[late & fresh & intact], 1)
+        np.add.at(self.received, flow[fresh & intact], 1)
+        if damaged is not None and damaged.any():
+            np.add.at(self.corrupt, flow[damaged], 1)
+            np.add.at(self.corrupt_first, flow[fresh & damaged], 1)
         np.bitwise_or.at(self.seen, (flow[fresh], byte[fresh]), bit[fresh])
         np.maximum.at(self.max_seq, flow, seq)
+
+    def lost_so_far(self) -> int:
+        """Sequence gaps below each flow's highest seq seen (the live figure; ``report`` is exact)."""
+        if self.received.size == 0:
+            return 0
+        return int(np.maximum(self.max_seq + 1 - self.received - self.corrupt_first, 0).sum())
 
     # -- results -----------------------------------------------------------------------------
     def report(self, sent: np.ndarray | None = None, first_id: int = 0) -> dict:
@@ -362,12 +440,18 @@ class Sink:
             exp = self.max_seq + 1
         rec = np.zeros(total_flows, np.int64)
         rec[:nf] = self.received
-        lost = np.maximum(exp - rec, 0)
+        arrived_bad = np.zeros(total_flows, np.int64)
+        arrived_bad[:nf] = self.corrupt_first
+        corrupt = np.zeros(total_flows, np.int64)
+        corrupt[:nf] = self.corrupt
+        lost = np.maximum(exp - rec - arrived_bad, 0)
         flows = []
-        for f in np.flatnonzero((exp > 0) | (rec > 0)):
+        for f in np.flatnonzero((exp > 0) | (rec > 0) | (corrupt > 0)):
             f = int(f)
             flows.append({"flow": f, "expected": int(exp[f]), "received": int(rec[f]), "lost": int(lost[f]),
-                          "duplicated": int(self.dups[f]) if f < nf else 0, "reordered": int(self.reord[f]) if f < nf else 0})
+                          "duplicated": int(self.dups[f]) if f < nf else 0, "reordered": int(self.reord[f]) if f < nf else 0,
+                          "corrupted": int(corrupt[f])})
+        attributed = int(corrupt.sum())
         return {
             "received": int(rec.sum()),
             "expected": int(exp.sum()),
@@ -375,8 +459,10 @@ class Sink:
             "duplicated": int(self.dups.sum()),
             "reordered": int(self.reord.sum()),
             "corrupted": int(self.corrupted),
+            "corrupted_unattributed": int(self.corrupted) - attributed,
             "corrupted_by_reason": dict(self.corrupt_by_reason),
             "not_ours": int(self.not_ours),
+            "beyond_max_flows": int(self.beyond_max_flows),
             "exact_loss": sent is not None,
             "flows": flows,
         }

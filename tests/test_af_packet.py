@@ -15,6 +15,7 @@ import pathlib
 import random
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -544,3 +545,107 @@ def test_burst_engine_on_the_mapped_rings(veth, closing):
             burst.rx_release(bq, b)
         assert fx.recv_frames(rcv, 25) == part  # content and order, out through the TX ring
     assert bq.rx_cursor == bq.tx_cursor == 100 and doorbell.rings >= 4
+
+
+# --- the gateway's processes: fds over the IPC channel, kernel drops in the queue state ------------
+
+
+def _wait_json_line(p: subprocess.Popen, timeout: float) -> dict:
+    """The first JSON line ``p`` prints on stdout within ``timeout`` s (an event, not a timer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        line = p.stdout.readline()
+        if not line:
+            break
+        if line.startswith("{"):
+            return json.loads(line)
+    p.kill()
+    raise AssertionError(f"no ready line (rc={p.wait(10)}): {p.stderr.read()[-2000:]}")
+
+
+def _ip_frames(ma: bytes, mb: bytes, n: int, first: int = 0) -> list[bytes]:
+    return [fx.eth(ma, mb, 0x0800, fx.ipv4(f"100.64.0.{2 + i % 200}", "198.18.0.2", 17, fx.udp(10000 + first + i, 53, (first + i).to_bytes(4, "big")), ident=first + i))
+            for i in range(n)]
+
+
+@netns_only
+@pytest.mark.timeout(120)
+def test_worker_gets_fds_over_ipc_and_counts_kernel_drops(request, closing, instance):
+    """A primary with af_packet ports in a netns; frames arrive while no worker polls (the ring
+    buffers 64, the kernel drops the rest); a worker started later -- outside the netns, so its
+    rings can only come from the fds the primary passes over the IPC channel -- forwards the 64
+    out of the other port and counts the kernel's drops into the queue-state word, where the
+    stats secondary's reading finds them."""
+    ns = fx.new_netns()
+    request.addfinalizer(lambda: fx.del_netns(ns))
+    fx.add_veth(ns, "ia", "ib")
+    fx.add_veth(ns, "oa", "ob")
+    mia, mib = fx.link_mac(ns, "ia"), fx.link_mac(ns, "ib")
+    env = instance.env
+    cli = [sys.executable, "-m", "hotplane.supervisor.cli"]
+    prim = subprocess.Popen(["ip", "netns", "exec", ns, *cli, "primary", *instance.eal("--no-huge", "--socket-mem", "32"), "--",
+                             "--workers", "1", "--inside", "af_packet:ia,slots=64", "--outside", "af_packet:oa,slots=64", "--json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    instance.procs.append(prim)
+    _wait_json_line(prim, 30)
+    snd, rcv = fx.raw_socket(ns, "ib"), fx.raw_socket(ns, "ob", receive=True)
+    closing.extend([snd, rcv])
+    flood = _ip_frames(mib, mia, 64 + 36)
+    for f in flood:
+        snd.send(f)
+    wk = subprocess.Popen([*cli, "worker", *instance.eal(), "--", "--id", "0", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    instance.procs.append(wk)
+    _wait_json_line(wk, 30)
+    out = fx.recv_frames(rcv, 64, timeout=10, ethertype=0x0800)
+    # The 64 the ring buffered, in order, forwarded (TTL 63) out of the outside port's TX ring.
+    assert [f[14 + 4 : 14 + 6] for f in out] == [f[14 + 4 : 14 + 6] for f in flood[:64]]
+    assert all(f[14 + 8] == 63 for f in out)
+    from hotplane.schema.port import QUEUE_STATE, W_KERNEL_DROPS, W_RX_FRAMES
+    from hotplane.secondary.stats import snapshot
+    from hotplane.shared.burst import QueueState
+    from hotplane.shared.eal import parse_eal
+    from hotplane.shared.instance import eal_init
+
+    inst = eal_init(parse_eal(instance.eal(), role="secondary"))
+    try:
+        st = QueueState.attach(inst.directory.lookup_checked("afp.ia.state", QUEUE_STATE).view)
+        deadline = time.monotonic() + 10
+        while int(st.words[0][W_KERNEL_DROPS]) < 36 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the worker collects on its ~10 ms tick
+        assert int(st.words[0][W_KERNEL_DROPS]) == 36 and int(st.words[0][W_RX_FRAMES]) == 64
+        # Later frames flow and are not counted as drops; the count is not read twice.
+        more = _ip_frames(mib, mia, 10, first=500)
+        for f in more:
+            snd.send(f)
+        assert len(fx.recv_frames(rcv, 10, timeout=10, ethertype=0x0800)) == 10
+        rows = {(q["port"], q["queue"]): q for q in snapshot(inst.directory)["queues"]}
+        assert rows[("ia", 0)]["kernel_drops"] == 36 and rows[("oa", 0)]["kernel_drops"] == 0
+        assert rows[("ia", 0)]["owner_pid"] == wk.pid
+        del st
+    finally:
+        inst.close()
+    wk.send_signal(2)
+    assert wk.wait(timeout=20) == 0
+
+
+def _qdisc_bypass(sock: socket.socket) -> int:
+    return struct.unpack("=i", sock.getsockopt(ap.SOL_PACKET, ap.PACKET_QDISC_BYPASS, 4))[0]
+
+
+@netns_only
+def test_tx_sockets_bypass_the_qdisc_unless_disabled(veth, closing):
+    """PACKET_QDISC_BYPASS is on for every queue socket and the generator's TX socket; off on request."""
+    ns, _, _ = veth
+    qs = open_queues(closing, "va", 2, "inside", SMALL, netns=ns)
+    assert [_qdisc_bypass(q.sock) for q in qs] == [1, 1]
+    (plain,) = open_queues(closing, "vb", 1, "inside", ap.RingParams(frame_size=2048, frame_nr=64, qdisc_bypass=False), netns=ns)
+    assert _qdisc_bypass(plain.sock) == 0
+    from hotplane.secondary.gen import open_tx_ring
+
+    with ap.netns_scope(ns):
+        sock, _tx, bell, _info = open_tx_ring("va", SMALL)
+    closing.append(sock)
+    assert _qdisc_bypass(sock) == 1

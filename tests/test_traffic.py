@@ -43,6 +43,11 @@ def test_clean_run_counts_nothing_wrong():
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_injected_faults_are_counted_exactly(data):
+    """Loss, duplication, reordering and corruption -- per flow and in total -- against a model.
+
+    A damaged packet whose stamp is intact (a fill byte flipped) is a corrupted arrival of its
+    flow, not a loss; one whose stamp is damaged (a sequence byte flipped) has no readable
+    flow: corrupted in the total only, and its sequence number is lost."""
     nflows = data.draw(st.integers(1, 6))
     proto = data.draw(st.sampled_from(["udp", "tcp", "icmp"]))
     g = Generator(FlowSet.make(nflows, proto, 90), burst=64)
@@ -51,34 +56,48 @@ def test_injected_faults_are_counted_exactly(data):
     fr, ln = fr.copy(), ln.copy()
     n = len(flows)
     keep = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-    corrupt = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n))) & keep
+    # 0 intact, 1 fill byte flipped (stamp readable), 2 stamp's sequence byte flipped (unreadable)
+    damage = np.array(data.draw(st.lists(st.sampled_from([0, 0, 1, 2]), min_size=n, max_size=n))) * keep
     dup_of = data.draw(st.lists(st.integers(0, n - 1), max_size=5))
-    for i in np.flatnonzero(corrupt):
-        fr[i, 50] ^= 0x40  # inside the payload stamp/fill
-    order = [i for i in range(n) if keep[i]] + [i for i in dup_of if keep[i] and not corrupt[i]]
+    for i in np.flatnonzero(damage == 1):
+        fr[i, 89] ^= 0x40  # the last fill byte: the L4 checksum catches it
+    for i in np.flatnonzero(damage == 2):
+        fr[i, g.stamp_off + 8] ^= 0x40  # the stamp's sequence number: the check word no longer agrees
+    order = [i for i in range(n) if keep[i]] + [i for i in dup_of if keep[i] and damage[i] != 2]
     perm = data.draw(st.permutations(order))
     s = Sink()
     s.verify(fr[perm], ln[perm]) if perm else None
     r = s.report(g.sent())
-    ok = keep & ~corrupt
-    assert r["corrupted"] == int(corrupt.sum())
-    assert r["lost"] == n - int(ok.sum())
-    assert r["duplicated"] == len([i for i in dup_of if ok[i]])
-    assert r["received"] == int(ok.sum())
-    # Reordered: fresh arrivals below their flow's highest seq seen so far.
-    seqs = {}
-    seen = set()
-    expect_reord = 0
+    # The model, in arrival order: first arrival of a readable packet = received (intact) or corrupted.
+    seqs: dict[int, int] = {}
+    seen: set[int] = set()
+    want = {f: {"received": 0, "lost": 0, "duplicated": 0, "reordered": 0, "corrupted": 0} for f in range(nflows)}
     for i in perm:
-        if not ok[i] or i in seen:
+        f = int(flows[i])
+        if damage[i] == 2:
+            continue
+        if damage[i] == 1:
+            want[f]["corrupted"] += 1
+        if i in seen:
+            want[f]["duplicated"] += 1
             continue
         seen.add(i)
-        f = int(flows[i])
         rank = int((flows[:i] == f).sum())
-        if rank < seqs.get(f, -1):
-            expect_reord += 1
+        if damage[i] == 0:
+            want[f]["received"] += 1
+            if rank < seqs.get(f, -1):
+                want[f]["reordered"] += 1
         seqs[f] = max(seqs.get(f, -1), rank)
-    assert r["reordered"] == expect_reord
+    for f in range(nflows):
+        want[f]["lost"] = int((flows == f).sum()) - want[f]["received"] - len([i for i in seen if flows[i] == f and damage[i] == 1])
+    got = {x["flow"]: {k: x[k] for k in ("received", "lost", "duplicated", "reordered", "corrupted")} for x in r["flows"]}
+    assert got == {f: w for f, w in want.items() if (flows == f).any()}
+    assert r["corrupted"] == len([i for i in perm if damage[i] > 0])  # every damaged arrival, duplicates too
+    assert r["corrupted_unattributed"] == int((damage == 2).sum())
+    for k in ("received", "lost", "duplicated", "reordered"):
+        assert r[k] == sum(w[k] for w in want.values())
+    arrived_damaged = len([i for i in seen if damage[i] == 1])
+    assert r["expected"] == n == r["received"] + r["lost"] + arrived_damaged
 
 
 def test_strays_are_not_corruption():
@@ -101,7 +120,10 @@ def test_bad_ip_checksum_is_corruption():
     s = Sink()
     s.verify(fr, ln)
     r = s.report(g.sent())
-    assert r["corrupted"] == 1 and r["corrupted_by_reason"]["ip_checksum"] == 1 and r["lost"] == 1
+    # The stamp is intact: packet 1 arrived, damaged -- corrupted in flow 0, not lost.
+    assert r["corrupted"] == 1 and r["corrupted_by_reason"]["ip_checksum"] == 1 and r["lost"] == 0
+    assert r["flows"][0]["corrupted"] == 1 and r["flows"][0]["received"] == 3 and r["corrupted_unattributed"] == 0
+    assert r["reordered"] == 0  # the damaged packet is accounted where it arrived, not before the others
 
 
 def test_sink_grows_for_many_seqs_and_flows():
