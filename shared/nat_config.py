@@ -21,7 +21,7 @@ The file, key by key (every key is optional except where noted; see
     [nat]
     pool = ["198.18.1.0/28", "198.18.2.5-198.18.2.9", "198.18.3.1"]   # required
     port_lo = 1024                      # dynamic ports are [port_lo, 65536), split in one block per worker
-    workers = 2
+    workers = 2                         # (see "Port ranges" below)
     filtering = "address-and-port-dependent"   # | "address-dependent" | "endpoint-independent"
     per_host_sessions = 10000           # 0 = unlimited; gateway-wide, see NatSection.per_worker_limit
     per_host_ports = 4096               # 0 = unlimited
@@ -65,6 +65,21 @@ The file, key by key (every key is optional except where noted; see
     max_restarts = 5                    # within restart_window seconds, then give up
     restart_window = 60.0
     ready_timeout = 30.0
+    hot_standby = false                 # a parked, attached standby per worker, promoted when it dies
+
+Port ranges: the outside ports ``[port_lo, 65536)`` are split into ``workers``
+blocks of ``(65536 - port_lo) // workers`` ports (worker ``w`` gets
+``[port_lo + w * block, port_lo + (w + 1) * block)``, :meth:`NatSection.worker_port_range`);
+replies are steered to a worker by the block their destination port falls in
+(docs/CONTRACTS.md "Steering"), so a worker only hands out ports of its own
+block. Consequence for port preservation (RFC 4787 REQ-3): an inside source
+port is kept only when it lies in the block of the worker that receives the
+flow (inside traffic is steered by a hash of source address and port, not by
+port range) and is free on the host's outside address; otherwise a port of
+that worker's block is chosen with the same parity and, where the block has
+one, the same class (0-1023 / 1024-65535). With one worker every port from
+``port_lo`` up can be preserved; with ``workers = 2`` and the default
+``port_lo`` a flow from port 40000 keeps it only if it reaches worker 1.
 """
 
 from __future__ import annotations
@@ -220,7 +235,10 @@ class NatSection:
         return (65536 - self.port_lo) // self.workers
 
     def worker_port_range(self, worker: int) -> tuple[int, int]:
-        """``(lo, hi)``, hi exclusive: the outside ports worker ``worker`` allocates from."""
+        """``(lo, hi)``, hi exclusive: the outside ports worker ``worker`` allocates from (its block).
+
+        Only an inside port inside this range can be preserved by that worker (module docstring, "Port ranges").
+        """
         if not 0 <= worker < self.workers:
             raise ValueError(f"worker {worker} out of range 0..{self.workers - 1}")
         lo = self.port_lo + worker * self.block
@@ -264,6 +282,7 @@ class SupervisorSection:
     max_restarts: int = 5
     restart_window: float = 60.0
     ready_timeout: float = 30.0
+    hot_standby: bool = False  # one parked standby worker per slot (supervisor/main.py)
 
 
 @dataclass(frozen=True)
@@ -754,7 +773,7 @@ class _Validator:
     def supervisor(self, raw: Any, nat: NatSection | None) -> SupervisorSection:
         p = "supervisor"
         t = self.table(raw, p, ("workers", "restart", "backoff_initial", "backoff_max", "max_restarts",
-                                "restart_window", "ready_timeout"))
+                                "restart_window", "ready_timeout", "hot_standby"))
         d = SupervisorSection()
         nat_workers = nat.workers if nat is not None else d.workers
         workers = self.get(t, "workers", p, int, nat_workers)
@@ -774,7 +793,8 @@ class _Validator:
                       check=lambda v: None if v >= 0 else "must be 0 or more")
         rw = self.get(t, "restart_window", p, float, d.restart_window, check=pos)
         rt = self.get(t, "ready_timeout", p, float, d.ready_timeout, check=pos)
-        return SupervisorSection(workers, restart, b0, b1, mr, rw, rt)
+        hs = self.get(t, "hot_standby", p, bool, d.hot_standby)
+        return SupervisorSection(workers, restart, b0, b1, mr, rw, rt, hs)
 
 
 def _type_name(t: type) -> str:

@@ -22,8 +22,9 @@ document, or one per line for ``tail -f`` and ``stats --watch``), messages to
 stderr. Exit status, as LSB init scripts have it: 0 success; 1 a command failed
 (a program did not start, a signal could not be sent); 2 usage; 3 the instance is
 not running (no supervisor), and for ``status``, a program is not up; 4 unknown
-program. It talks to ``<runtime>/supervisor.sock`` (0600, checked with SO_PEERCRED
-both ways).
+program, or the caller may not ask (another user: the runtime directory is 0700 and
+the socket 0600, LSB's "insufficient privilege" / "status unknown"). It talks to
+``<runtime>/supervisor.sock`` (0600, checked with SO_PEERCRED both ways).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class CtlError(Exception):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="supervisorctl", description="control a hotplane instance's supervisor",
-                                 epilog="exit status: 0 ok, 1 failed, 2 usage, 3 not running, 4 unknown program")
+                                 epilog="exit status: 0 ok, 1 failed, 2 usage, 3 not running, 4 unknown program or not allowed")
     ap.add_argument("-p", "--file-prefix", default=DEFAULT_PREFIX, help="instance (default hotplane)")
     ap.add_argument("--json", action="store_true", help="JSON on stdout")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for start/stop/restart (default 60)")
@@ -84,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--canary", type=int, default=0, help="swap N workers first and watch their health before the rest")
     p.add_argument("--canary-window", type=float, default=5.0, help="seconds the canary is watched (default 5)")
     p.add_argument("--park-time", type=float, default=10.0, help="seconds the old processes stay parked after commit (rollback possible; default 10)")
+    p.add_argument("--only", help="comma-separated unit kinds to upgrade: primary, worker, stats (default all)")
+    p.add_argument("--canary-max-drops", type=int, default=0, help="drops a canary worker may add during its window (default 0)")
+    p.add_argument("--canary-max-heartbeat-age", type=float, default=1.0, help="seconds a canary worker may go without a heartbeat (default 1)")
+    p.add_argument("--pause-at", choices=("prepare", "attach", "validate", "migrate", "ready", "swap", "commit"), help=argparse.SUPPRESS)
     p = sub.add_parser("rollback", help="swap back to the old version while its processes are parked")
     # `supervisorctl stats --json` reads as naturally as `supervisorctl --json stats`.
     for sp in sub.choices.values():
@@ -99,7 +104,12 @@ def call(prefix: str, method: str, params: dict | None = None, timeout: float = 
     from hotplane.shared.ipc import IpcClosed, IpcError, IpcRefused, RemoteError, request_sync
 
     path = runtime_dir(prefix) / SOCKET_NAME
-    if running_supervisor_pid(prefix) is None:
+    try:
+        pid = running_supervisor_pid(prefix)
+    except PermissionError as e:
+        raise CtlError(EXIT_UNKNOWN, f"instance {prefix!r}: permission denied on its runtime directory {runtime_dir(prefix)} ({e.strerror}): "
+                                     "supervisorctl must run as the user that started the instance, or root", "refused") from None
+    if pid is None:
         raise CtlError(EXIT_NOT_RUNNING, f"instance {prefix!r} is not running (no supervisor); start it with 'hotplane up -p {prefix}'", "not_running")
     try:
         return request_sync(str(path), method, params or {}, timeout=timeout).result
@@ -107,7 +117,7 @@ def call(prefix: str, method: str, params: dict | None = None, timeout: float = 
         code = EXIT_UNKNOWN if e.type == "unknown_program" else EXIT_USAGE if e.type == "usage" else EXIT_FAILED
         raise CtlError(code, e.message, e.type) from None
     except IpcRefused as e:
-        raise CtlError(EXIT_FAILED, f"{e} (supervisorctl must run as the supervisor's user or root)", "refused") from None
+        raise CtlError(EXIT_UNKNOWN, f"{e} (supervisorctl must run as the supervisor's user or root)", "refused") from None
     except IpcClosed as e:
         raise CtlError(EXIT_NOT_RUNNING, f"instance {prefix!r}: the supervisor is not answering ({e})", "not_running") from None
     except IpcError as e:
@@ -171,7 +181,10 @@ def format_stats(st: dict) -> str:
     out.append("\n" + format_sessions(st.get("sessions") or {}))
     procs = st.get("processes", [])
     if procs:
-        out.append("\n" + format_status(procs))
+        out.append(f"\n{'process':<16} {'state':<9} {'pid':>7} {'restarts':>8}  version")
+        for p in procs:
+            out.append(f"{p['name']:<16} {p['state']:<9} {p.get('pid') or '-':>7} {p.get('restarts', 0):>8}  {p.get('version') or '-'}"
+                       + ("  (adopted)" if p.get("adopted") else ""))
     return "\n".join(out)
 
 
@@ -286,8 +299,8 @@ def run(a: argparse.Namespace) -> int:
     raise CtlError(EXIT_USAGE, f"unknown command {cmd!r}", "usage")
 
 
-def format_upgrade(st: dict) -> str:
-    lines = list(st.get("lines") or [])
+def format_upgrade(st: dict, lines: bool = True) -> str:
+    lines = list(st.get("lines") or []) if lines else []
     lines.append(f"phase {st.get('phase')}" + (f", result {st['result']}" if st.get("result") else "") + (f": {st['reason']}" if st.get("reason") else ""))
     for name, u in (st.get("units") or {}).items():
         owners = ", ".join(f"{q}={o}" for q, o in u.get("owners", {}).items())
@@ -301,8 +314,9 @@ def format_upgrade(st: dict) -> str:
 def run_upgrade(a: argparse.Namespace, prefix: str, emit) -> int:
     """``upgrade --to T``, ``upgrade status|history|commit``, ``rollback``."""
     if a.command == "rollback":
-        res = call(prefix, "rollback", {"wait": True, "timeout": a.timeout}, timeout=a.timeout + 10)
-        emit(res) if emit else print(format_upgrade(res))
+        res = call(prefix, "rollback", {"wait": False}, timeout=30)
+        res = stream_progress(prefix, res, emit, a.timeout, until=("DONE",))
+        emit(res) if emit else print(format_upgrade(res, lines=False))
         return EXIT_OK if res.get("result") in ("rolled back", "aborted") else EXIT_FAILED
     if a.action == "history":
         res = call(prefix, "upgrade_history")
@@ -320,11 +334,32 @@ def run_upgrade(a: argparse.Namespace, prefix: str, emit) -> int:
     if not a.target:
         raise CtlError(EXIT_USAGE, "upgrade needs --to TARGET (or status / history / commit)", "usage")
     params = {"to": a.target, "dry_run": a.dry_run, "canary": a.canary, "canary_window": a.canary_window, "park_time": a.park_time,
-              "wait": True, "timeout": a.timeout}
-    res = call(prefix, "upgrade", params, timeout=a.timeout + 30)
-    emit(res) if emit else print(format_upgrade(res))
-    ok = res.get("result") in ("committed", "dry run") or res.get("phase") == "COMMITTED"
+              "max_drops": a.canary_max_drops, "max_heartbeat_age": a.canary_max_heartbeat_age, "wait": False}
+    if a.only:
+        params["kinds"] = [k.strip() for k in a.only.split(",") if k.strip()]
+    if a.pause_at:
+        params["pause_at"] = a.pause_at
+    res = call(prefix, "upgrade", params, timeout=90)
+    res = stream_progress(prefix, res, emit, a.timeout, until=("COMMITTED", "DONE"))
+    emit(res) if emit else print(format_upgrade(res, lines=False))
+    ok = res.get("result") in ("committed", "dry run") or res.get("phase") == "COMMITTED" or res.get("paused")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def stream_progress(prefix: str, res: dict, emit, timeout: float, until: tuple[str, ...]) -> dict:
+    """Print the upgrade's progress lines as they come (``{"line": ...}`` objects with --json) until its
+    phase is one of ``until`` (or it is paused by a test hook, or ``timeout`` passed); returns the last status."""
+    printed = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = res.get("lines") or []
+        for line in lines[printed:]:
+            print(json.dumps({"line": line}) if emit else line, flush=True)
+        printed = max(printed, len(lines))
+        if res.get("phase") in until or res.get("paused") or time.monotonic() > deadline:
+            return res
+        time.sleep(0.1)
+        res = call(prefix, "upgrade_status")
 
 
 def follow(path: str, name: str, emit) -> int:

@@ -1,6 +1,6 @@
 """``hotplane down``: stop an instance cleanly and wait until it has stopped.
 
-``hotplane down [-p PREFIX] [-c CONFIG] [--timeout S] [--json]``
+``hotplane down [-p PREFIX] [-c CONFIG] [--timeout S] [--json] [--systemd]``
 
 With a running supervisor: asks it to shut down (it stops the secondaries, then
 the primary, each SIGTERM then SIGKILL after its deadline) and waits for the
@@ -10,7 +10,15 @@ Without one (it was SIGKILLed and not restarted) the programs it left running ar
 found through their identity records and stopped here, in the same order: a
 record whose pid now belongs to another process is ignored, never signalled.
 
-Exit status: 0 stopped (or nothing was running), 1 something did not stop in time.
+``--systemd`` is for ``ExecStop=`` of deploy/hotplane.service, where systemd runs the
+stop command both for ``systemctl stop`` and after the main process (the supervisor)
+died. systemd passes ``$MAINPID`` only while the main process lives: with it, this is
+an ordinary stop; without it (or naming a process that is gone) the supervisor
+crashed, ``Restart=`` is about to start a new one that re-adopts the running tree,
+so nothing is stopped (the supervisor's death stops nothing, also under systemd).
+
+Exit status: 0 stopped (or nothing was running, or nothing to do for ``--systemd``),
+1 something did not stop in time.
 The instance memory is kept (a later ``hotplane up`` re-attaches its sessions);
 ``hotplane cleanup`` removes it.
 """
@@ -31,7 +39,7 @@ from hotplane.supervisor import launcher
 from hotplane.supervisor.main import SOCKET_NAME, running_supervisor_pid
 
 # Reverse start order for the supervisor-less stop: traffic first, the primary last.
-ORDER = ("gen", "sink", "stats", "worker", "primary")
+ORDER = ("gen", "sink", "stats", "standby", "worker", "primary")
 
 
 def _rank(name: str) -> int:
@@ -79,12 +87,37 @@ def stop_orphans(prefix: str, timeout: float, say) -> tuple[list[str], list[str]
     return stopped, left
 
 
+def main_process_alive(environ=None) -> tuple[bool, str]:
+    """For ``--systemd``: is systemd's main process (``$MAINPID``) alive? (alive, what was found)."""
+    env = os.environ if environ is None else environ
+    text = env.get("MAINPID", "").strip()
+    if not text:
+        return False, "systemd passed no $MAINPID: the main process (the supervisor) is gone"
+    if not text.isdigit() or int(text) <= 0:
+        return False, f"$MAINPID={text!r} is not a pid"
+    try:
+        fd = os.pidfd_open(int(text))
+    except ProcessLookupError:
+        return False, f"the main process pid {text} ($MAINPID) has exited"
+    except OSError as e:
+        return False, f"cannot watch $MAINPID {text}: {e.strerror or e}"
+    try:
+        gone = wait_pidfd(fd, 0)
+    finally:
+        os.close(fd)
+    if gone:
+        return False, f"the main process pid {text} ($MAINPID) has exited"
+    return True, f"the main process pid {text} is running"
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="hotplane down", description="stop an instance cleanly")
     ap.add_argument("-p", "--file-prefix", default=DEFAULT_PREFIX)
     ap.add_argument("-c", "--config", help="accepted for symmetry with 'hotplane up' (checked, not needed)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the stop (default 120)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--systemd", action="store_true",
+                    help="ExecStop= mode: stop only while systemd's $MAINPID (the supervisor) runs; after its crash leave the tree to its successor")
     try:
         a = ap.parse_args(argv)
     except SystemExit as e:
@@ -109,6 +142,13 @@ def main(argv: list[str]) -> int:
             print(f"hotplane down: {m}", file=sys.stderr)
 
     result = {"prefix": prefix, "supervisor": None, "stopped": [], "left": []}
+    if a.systemd:
+        alive, why = main_process_alive()
+        if not alive:
+            say(f"{why}; Restart= starts a new supervisor, which re-adopts the running programs of {prefix!r}: nothing stopped")
+            result["skipped"] = why
+            _emit(a, result, msgs)
+            return EXIT_OK
     pid = running_supervisor_pid(prefix)
     if pid is not None and pid > 0:
         from hotplane.shared.ipc import IpcError, request_sync

@@ -16,10 +16,10 @@ between fork and exec, so it is safe while an event loop and threads are running
 * its own session (``start_new_session=True``, i.e. ``setsid``). A Ctrl-C or a
   SIGHUP from the terminal that started ``hotplane up`` then reaches only the
   supervisor, which stops the tree in order (secondaries, then the primary) instead
-  of every process dying at once, and a closed terminal kills nothing. systemd's
-  ``KillMode=mixed`` is unaffected: it works on the unit's cgroup, not on sessions or
-  process groups (SIGTERM to the supervisor alone, then SIGKILL to whatever is left
-  in the cgroup after ``TimeoutStopSec``);
+  of every process dying at once, and a closed terminal kills nothing. systemd
+  works on the unit's cgroup, not on sessions or process groups; deploy/hotplane.service
+  uses ``KillMode=process`` so that it signals the supervisor alone and a crashed
+  supervisor's children live on to be re-adopted;
 * the supervisor's environment minus ``NOTIFY_SOCKET``/``WATCHDOG_*``/``LISTEN_*``
   (those belong to the supervisor; systemd would reject or misread a child's
   messages).
@@ -42,6 +42,14 @@ A running process is described by a :class:`ProcessRecord` saved atomically as J
 ``<runtime>/procs/<name>.json``. :func:`adopt` trusts a record only if the pid is
 alive, was started at the recorded time, in the same boot, with the same command
 line and identity token (:func:`check_identity`), so a recycled pid is never adopted.
+The record also carries what the supervisor must not forget across its own restart:
+whether the process had reported READY and how many times the program was restarted.
+
+A process that reports READY while no supervisor is listening (it died, a new one
+is not up yet) leaves a *READY marker* beside its record, ``<runtime>/procs/<name>.ready``
+(:func:`hotplane.shared.ready.report_ready` writes it; :func:`ready_marker` reads it).
+The marker names the pid and identity token, so a marker left by an earlier process
+of the same program never makes a new one count as READY.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ from typing import Callable, Mapping, Sequence
 import psutil
 
 from hotplane import __version__
+from hotplane.shared.ready import TOKEN_ENV
+from hotplane.shared.ready import ready_marker_path as _marker_path
 from hotplane.supervisor.logs import LogFile
 from hotplane.supervisor.process_state import Exited
 
@@ -76,7 +86,7 @@ START_TIME_TOLERANCE = 0.002
 # A random token put in each child's environment and in its record: two processes that
 # got the same pid within one clock tick (possible when the pid allocator is steered)
 # have the same create_time, but never the same token.
-TOKEN_VAR = "HOTPLANE_PROCESS_TOKEN"
+TOKEN_VAR = TOKEN_ENV
 
 
 class SpawnError(Exception):
@@ -214,9 +224,10 @@ class Child:
         """True until the exit has been observed (by poll, wait or the watch callback)."""
         return self.exit is None and self.poll() is None
 
-    def record(self, *, ready: bool = False) -> "ProcessRecord":
-        """The identity record to save for re-adoption."""
-        return ProcessRecord.for_process(self.name, self.pid, self.start_time, self.cmdline, self.version, ready=ready, token=self.token)
+    def record(self, *, ready: bool = False, restarts: int = 0) -> "ProcessRecord":
+        """The identity record to save for re-adoption (``restarts``: the program's restart count so far)."""
+        return ProcessRecord.for_process(self.name, self.pid, self.start_time, self.cmdline, self.version, ready=ready, token=self.token,
+                                         restarts=restarts)
 
     # ------------------------------------------------------------------ exit
 
@@ -387,10 +398,12 @@ class ProcessRecord:
     ready: bool = False
     recorded_at: float = 0.0
     token: str = ""  # HOTPLANE_PROCESS_TOKEN of the process ('' : not checked)
+    restarts: int = 0  # times the program was started again (any supervisor), kept across supervisor restarts
 
     @classmethod
-    def for_process(cls, name: str, pid: int, start_time: float, cmdline: Sequence[str], version: str = __version__, *, ready: bool = False, token: str = "") -> "ProcessRecord":
-        return cls(name, pid, start_time, list(cmdline), version, boot_id(), psutil.boot_time(), ready, time.time(), token)
+    def for_process(cls, name: str, pid: int, start_time: float, cmdline: Sequence[str], version: str = __version__, *, ready: bool = False,
+                    token: str = "", restarts: int = 0) -> "ProcessRecord":
+        return cls(name, pid, start_time, list(cmdline), version, boot_id(), psutil.boot_time(), ready, time.time(), token, restarts)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -410,11 +423,12 @@ class ProcessRecord:
                 ready=bool(d.get("ready", False)),
                 recorded_at=float(d.get("recorded_at", 0.0)),
                 token=str(d.get("token", "")),
+                restarts=int(d.get("restarts", 0)),
             )
         except (ValueError, TypeError, KeyError) as e:
             raise RecordError(f"malformed process record: {e}") from None
-        if rec.pid <= 0 or not NAME_RE.match(rec.name):
-            raise RecordError(f"malformed process record: name {rec.name!r}, pid {rec.pid}")
+        if rec.pid <= 0 or rec.restarts < 0 or not NAME_RE.match(rec.name):
+            raise RecordError(f"malformed process record: name {rec.name!r}, pid {rec.pid}, restarts {rec.restarts}")
         return rec
 
 
@@ -501,11 +515,35 @@ def load_records(runtime_dir: str | os.PathLike, errors: list[str] | None = None
 
 
 def remove_record(runtime_dir: str | os.PathLike, name: str) -> None:
-    """Forget ``name``'s record (no error if there is none)."""
+    """Forget ``name``'s record and READY marker (no error if there is none)."""
+    for path in (record_path(runtime_dir, name), ready_marker_path(runtime_dir, name)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def ready_marker_path(runtime_dir: str | os.PathLike, name: str) -> Path:
+    """``<runtime>/procs/<name>.ready``: the READY a process reported (see the module docstring)."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"bad program name {name!r}")
+    return _marker_path(runtime_dir, name)
+
+
+def ready_marker(runtime_dir: str | os.PathLike, rec: ProcessRecord) -> dict | None:
+    """The READY marker of the process ``rec`` describes (its ``info``), or None.
+
+    Only a marker naming ``rec``'s pid and identity token counts: one left by an
+    earlier process of the program (same name, another pid or token) is ignored.
+    """
     try:
-        os.unlink(record_path(runtime_dir, name))
-    except FileNotFoundError:
-        pass
+        d = json.loads(ready_marker_path(runtime_dir, rec.name).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("pid") != rec.pid or (rec.token and d.get("token") != rec.token):
+        return None
+    info = d.get("info")
+    return info if isinstance(info, dict) else {}
 
 
 def check_identity(rec: ProcessRecord) -> tuple[bool, str]:

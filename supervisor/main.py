@@ -6,9 +6,10 @@ What it does
 ------------
 * Builds the *plan* from the configuration (``-c FILE`` or the embedded default,
   :func:`hotplane.shared.nat_config.default_config`): ``primary``; ``worker-0`` ..
-  ``worker-N-1``; ``stats``; and, with ring ports and no config file (the embedded
-  default), the traffic generator ``gen`` feeding ``ring:in`` and the verifying
-  ``sink`` reading ``ring:out``.
+  ``worker-N-1``; ``stats``; with ``[supervisor] hot_standby`` (or ``--hot-standby``)
+  a standby ``standby-0`` .. ``standby-N-1`` per worker; and, with ring ports and no
+  config file (the embedded default), the traffic generator ``gen`` feeding
+  ``ring:in`` and the verifying ``sink`` reading ``ring:out``.
 * Starts the plan in *stages*: the primary; once it reported READY, the workers,
   stats and the sink; once those reported READY, the generator (so the sink and
   the workers are there before the first packet). READY always comes from the
@@ -18,6 +19,16 @@ What it does
   (the states, autorestart with backoff, retry limits, SIGTERM then SIGKILL) and
   performs its actions: fork+exec through :mod:`hotplane.supervisor.launcher`,
   pidfd exit watches, timers, identity records in ``<runtime>/procs``.
+* Hot standby: ``standby-N`` is a worker started in the hot-upgrade candidate mode
+  (``hotplane worker --candidate``: attached, zones validated, tables attached as a
+  reader, warmed up, parked), READY once it reported the candidate step ``ready``.
+  When ``worker-N`` must be started again (it died, hung, or was restarted) and its
+  standby is READY, the standby's process *is* the new ``worker-N``: the supervisor
+  sends it ``claim {queue, force}`` for both queues over its control socket (the
+  forced claim takes them over from the dead owner; the worker repairs the cursors
+  with ``burst.reconcile`` and takes the session tables' writer role), feeds READY
+  when the claims landed, and then starts a new standby. Without a READY standby
+  the worker is started afresh as before.
 * Watches the workers' heartbeats in the ``counters`` zone: a worker whose
   heartbeat is older than ``--heartbeat-misses`` x ``--heartbeat-interval`` hangs,
   and is stopped and restarted (HeartbeatMissed).
@@ -25,7 +36,11 @@ What it does
   their records prove they are the same processes (:func:`launcher.adopt`: pid,
   start time, boot, command line, identity token), so the packet path never pauses;
   a record whose pid now belongs to another process is discarded and the program
-  started afresh.
+  started afresh. An adopted process counts as READY if its record says so, if it
+  left a READY marker (it reported READY while no supervisor listened, see
+  :mod:`hotplane.shared.ready`), or, for a worker or standby, if its control socket
+  says it holds its queues (or is parked). Restart counts live in the records too,
+  so ``status`` and ``stats`` keep them across supervisor restarts.
 * Serves the control socket ``<runtime>/supervisor.sock`` (0600, SO_PEERCRED) for
   ``supervisorctl`` and the children (methods below).
 * Speaks the systemd notify protocol: READY=1 once every program is up, STATUS=
@@ -41,7 +56,8 @@ Control socket methods (msgpack requests, see :mod:`hotplane.shared.ipc`)
 ``stop {names}``, ``restart {names}``, ``signal {names, signal}``, ``pid {name?}``,
 ``tail {name, lines}``, ``stats``, ``sessions``, ``version``, ``shutdown``; hot upgrade
 (:mod:`hotplane.supervisor.upgrade`): ``upgrade {to, dry_run?, canary?, park_time?, wait?}``,
-``upgrade_status``, ``upgrade_history``, ``upgrade_commit``, ``rollback``, and
+``upgrade_status``, ``upgrade_history``, ``upgrade_commit``, ``upgrade_resume`` (ends a test's
+``pause_at`` hold), ``rollback``, and
 ``candidate_report {unit, pid, step, detail}`` (from a candidate).
 ``names`` is a list of program names or ``["all"]``; an unknown name is a
 ``RemoteError`` of type ``unknown_program`` (supervisorctl exits 4).
@@ -168,6 +184,8 @@ class Program:
     ready_info: dict[str, Any] = field(default_factory=dict)
     version: str = __version__
     extra_env: dict[str, str] = field(default_factory=dict)  # the build it runs (set by a hot upgrade)
+    restarts: int = 0  # processes started after the first one, by any supervisor (kept in the record)
+    had_process: bool = False  # a process of this program ran before (spawned, adopted or promoted)
 
     def __post_init__(self) -> None:
         self.machine = ProcessMachine(self.config)
@@ -175,6 +193,21 @@ class Program:
     @property
     def state(self) -> State:
         return self.machine.state
+
+    def count_start(self) -> None:
+        """A new process of this program: every one after the first is a restart."""
+        if self.had_process:
+            self.restarts += 1
+        self.had_process = True
+
+
+def standby_name(worker_id: int) -> str:
+    """The hot standby program of worker slot ``worker_id``."""
+    return f"standby-{worker_id}"
+
+
+#: How long a promoted standby may take to hold both its queues.
+STANDBY_CLAIM_TIMEOUT = 5.0
 
 
 def _hotplane_cmd(role: str, eal: list[str], app: list[str]) -> list[str]:
@@ -211,9 +244,87 @@ def check_ports(cfg) -> list[str]:
         elif spec.kind == "af_packet":
             if not Path("/sys/class/net", spec.name).exists():
                 problems.append(f"gateway.{role} = \"{spec}\": there is no network interface {spec.name!r} (see 'ip link'; for the lab: 'hotplane lab up')")
-            elif not _has_cap_net_raw():
-                problems.append(f"gateway.{role} = \"{spec}\": af_packet ports need root or CAP_NET_RAW (run with sudo, or see AmbientCapabilities in deploy/hotplane.service)")
     return problems
+
+
+def check_privileges(opts: EalOptions, app: argparse.Namespace, cfg) -> list[str]:
+    """What this user lacks to run the instance (without root or the capabilities): one line each, naming it.
+
+    Checked before anything starts, so a user without them gets the list instead of
+    a primary that dies half-way with a traceback in its log.
+    """
+    from hotplane.shared import memory
+
+    problems = []
+    uid = os.geteuid()
+    rdir = runtime_dir(opts.file_prefix)
+    why = _not_writable(rdir)
+    if why:
+        problems.append(f"runtime directory {rdir} {why}; run as root (or as its owner), or set HOTPLANE_RUNTIME_DIR to a directory you own")
+    log_dir = Path(app.log_dir) if app.log_dir else default_log_dir(opts.file_prefix)
+    why = None if _within(log_dir, rdir) else _not_writable(log_dir)
+    if why:
+        problems.append(f"log directory {log_dir} {why}; pick another with --log-dir")
+    existing = memory.existing_memory_file(opts.file_prefix)
+    if existing is not None:
+        if not os.access(existing, os.R_OK | os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+            owner = _owner(Path(existing))
+            problems.append(f"the instance memory {existing} belongs to uid {owner}, not uid {uid}: run as that user or root, or pick another --file-prefix")
+    elif opts.no_huge:
+        why = _not_writable(Path("/dev/shm"))
+        if why:
+            problems.append(f"4 KiB shared memory (--no-huge): /dev/shm {why}")
+    else:
+        try:
+            mount = memory.find_huge_dir(opts.huge_dir)
+        except memory.MemoryError_:
+            mount = None  # a bad --huge-dir: the primary names the problem
+        why = _not_writable(Path(mount.path)) if mount is not None else None
+        if why:
+            problems.append(f"hugepages: the hugetlbfs mount {mount.path} {why}; run as root, mount one for this user "
+                            f"('mount -t hugetlbfs -o uid={uid},gid={os.getegid()} nodev DIR', then --huge-dir DIR), or use --no-huge (4 KiB pages)")
+    for role, spec in (("inside_port", cfg.gateway.inside_port), ("outside_port", cfg.gateway.outside_port)):
+        if spec.kind == "af_packet" and Path("/sys/class/net", spec.name).exists() and not _has_cap_net_raw():
+            problems.append(f"gateway.{role} = \"{spec}\": af_packet ports need root or CAP_NET_RAW, which uid {uid} does not have "
+                            "(run with sudo, or grant it: AmbientCapabilities in deploy/hotplane.service)")
+    return problems
+
+
+def _within(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _owner(path: Path) -> str:
+    try:
+        return str(os.stat(path).st_uid)
+    except OSError:
+        return "?"
+
+
+def _not_writable(path: Path) -> str | None:
+    """Why this user cannot create or write ``path`` (a directory), or None if it can.
+
+    ``os.path.lexists`` is False for a path hidden behind a directory we may not
+    search, so the walk stops at the nearest directory we can see, which is the
+    one that refuses us.
+    """
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if os.access(probe, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    try:
+        st = os.stat(probe)
+        mode = f"owner uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}"
+    except OSError as e:
+        mode = e.strerror or str(e)
+    if probe == path:
+        return f"is not writable by uid {os.geteuid()} ({mode})"
+    return f"cannot be created: {probe} ({mode}) is not writable by uid {os.geteuid()}"
 
 
 def _has_cap_net_raw() -> bool:
@@ -264,6 +375,11 @@ def build_plan(opts: EalOptions, app: argparse.Namespace, cfg, *, traffic: bool)
     for i in range(n):
         name = f"worker-{i}"
         plan.append(Program(name, "worker", _hotplane_cmd("worker", sec_eal, ["--id", str(i)]), ProgramConfig(name, **base), 1, worker_id=i))
+    hot_standby = app.hot_standby if getattr(app, "hot_standby", None) is not None else sup.hot_standby
+    if hot_standby:
+        for i in range(n):
+            name = standby_name(i)
+            plan.append(Program(name, "standby", _hotplane_cmd("worker", sec_eal, ["--id", str(i), "--candidate"]), ProgramConfig(name, **base), 1.5, worker_id=i))
     plan.append(Program("stats", "stats", _hotplane_cmd("stats", sec_eal, ["--listen", app.stats_listen or cfg.stats.listen]), ProgramConfig("stats", **base), 1))
     if traffic:
         inside, outside = cfg.gateway.inside_port, cfg.gateway.outside_port
@@ -276,7 +392,8 @@ def build_plan(opts: EalOptions, app: argparse.Namespace, cfg, *, traffic: bool)
         gen_app = ["--port", f"ring:{inside.name}", *forever, "gen", "--quiet", "--flows", str(app.flows), "--rate", str(app.rate)]
         plan.append(Program("gen", "gen", _hotplane_cmd("gen", sec_eal, gen_app), _traffic_config("gen", base), 2))
     # Stages: 0 primary; 0.5 sink (there before the workers transmit); 1 workers and stats;
-    # 2 the generator, once everything downstream is READY. Shutdown runs them backwards.
+    # 1.5 the standbys (they attach to what the workers made); 2 the generator, once
+    # everything downstream is READY. Shutdown runs them backwards.
     return plan
 
 
@@ -284,16 +401,9 @@ UNBOUNDED_SECONDS = 100 * 365 * 86400
 
 
 def _traffic_config(name: str, base: dict) -> ProgramConfig:
-    """gen and sink report READY over the socket when their build does (shared/ready.py);
-    a build that does not yet is taken as up after ``startsecs`` alive (a timer: transitional)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(f"hotplane.secondary.{name}")
-    try:
-        reports = spec is not None and spec.origin is not None and "report_ready" in Path(spec.origin).read_text()
-    except OSError:
-        reports = False
-    return ProgramConfig(name, **dict(base, ready_required=reports, startsecs=1.0))
+    """gen and sink are supervised like every program: up only once they reported READY
+    over the control socket (shared/ready.py), never after a timer."""
+    return ProgramConfig(name, **dict(base, ready_required=True))
 
 
 # --------------------------------------------------------------------------- the supervisor
@@ -355,7 +465,7 @@ class Supervisor:
 
     def feed(self, prog: Program, event) -> None:
         assert self.loop is not None
-        if isinstance(event, Exited) and prog.kind == "worker" and self.upgrade is not None:
+        if isinstance(event, Exited) and prog.kind in ("worker", "stats", "primary") and self.upgrade is not None:
             self.upgrade.on_program_exit(prog, event.pid, f"code {event.code} signal {event.signal}")
         for action in prog.machine.handle(event, self.loop.time()):
             self._do(prog, action)
@@ -364,7 +474,11 @@ class Supervisor:
         loop = self.loop
         assert loop is not None
         if isinstance(a, Spawn):
-            self._spawn(prog)
+            standby = self.standby_for(prog)
+            if standby is not None:
+                self._promote(prog, standby)
+            else:
+                self._spawn(prog)
         elif isinstance(a, SendSignal):
             if prog.child is not None and prog.child.pid == a.pid:
                 prog.child.send_signal(a.signal)
@@ -382,7 +496,7 @@ class Supervisor:
         elif isinstance(a, Record):
             if prog.child is not None and prog.child.pid == a.pid:
                 try:
-                    launcher.save_record(self.rundir, prog.child.record(ready=a.ready))
+                    launcher.save_record(self.rundir, prog.child.record(ready=a.ready, restarts=prog.restarts))
                 except OSError as e:
                     self.say(f"{prog.name}: cannot save its process record: {e} (a restarted supervisor will not adopt it)", "error")
         elif isinstance(a, ClearRecord):
@@ -410,6 +524,8 @@ class Supervisor:
             "HOTPLANE_RUNTIME_DIR": str(runtime_root()),
             "PYTHONUNBUFFERED": "1",
         })
+        if prog.kind == "standby":
+            env["HOTPLANE_UPGRADE_UNIT"] = prog.name  # the name its candidate reports carry
         if prog.extra_env:  # a hot upgrade moved the program to another build
             env.pop("PYTHONPATH", None)
             env.pop("HOTPLANE_SESSION_VERSION", None)
@@ -425,12 +541,142 @@ class Supervisor:
             return
         prog.child = child
         prog.spawns += 1
+        prog.count_start()
         prog.launched = True
         prog.adopted = False
         prog.version = child.version
         prog.ready_info = {}
         child.watch(self.loop, lambda c, ex, prog=prog: self.feed(prog, ex))
         self.feed(prog, Spawned(child.pid, child.start_time))
+
+    # ------------------------------------------------------------------ hot standby
+
+    def standby_for(self, prog: Program) -> Program | None:
+        """Worker ``prog``'s hot standby if it can take over right now, else None."""
+        if prog.kind != "worker" or prog.worker_id is None or self.shutting_down:
+            return None
+        if self.upgrade is not None and self.upgrade.busy:
+            return None  # the drain-and-swap protocol moves the worker slots meanwhile
+        sb = self.programs.get(standby_name(prog.worker_id))
+        if sb is None or sb.kind != "standby" or sb.state is not State.READY or sb.child is None or not sb.child.alive:
+            return None
+        if sb.version != prog.version or sb.extra_env != prog.extra_env:
+            return None  # a standby of another build would take the slot back to that build
+        return sb
+
+    def _promote(self, prog: Program, sb: Program) -> None:
+        """Answer worker ``prog``'s Spawn with its standby's process: hand it over, claim the queues.
+
+        The worker's machine sees an ordinary start (Spawned, then READY once both
+        claims landed), so restart counting, backoff and retry limits stay its own.
+        The standby program starts from scratch (a new parked process) once the
+        claims are answered: spawning it earlier would compete for the CPU with
+        the take-over.
+        """
+        child = sb.child
+        assert child is not None and self.loop is not None
+        child.unwatch()
+        for h in sb.timers.values():
+            h.cancel()
+        sb.timers.clear()
+        sb.child = None
+        sb.machine = ProcessMachine(sb.config)
+        sb.ready_info = {}
+        launcher.remove_record(self.rundir, sb.name)
+        self.say(f"{prog.name}: promoting {sb.name} pid {child.pid} (parked, attached, warm) in its place")
+        if prog.child is not None:
+            prog.child.close()
+        child.name = prog.name
+        prog.child = child
+        prog.spawns += 1
+        prog.count_start()
+        prog.launched = True
+        prog.adopted = False
+        prog.version = child.version
+        prog.ready_info = {"promoted_from": sb.name}
+        if prog.log is None:
+            prog.log = LogFile(self.log_dir / f"{prog.name}.log", name=prog.name, report=lambda m: self.say(m, "warning"))
+        prog.log.write_line(f"standby {sb.name} pid {child.pid} promoted to {prog.name} (its output goes on in {sb.name}.log)")
+        child.watch(self.loop, lambda c, ex, prog=prog: self.feed(prog, ex))
+        self.feed(prog, Spawned(child.pid, child.start_time))
+        self._changed(sb)
+        self._spawn_task(self._claim_for(prog, sb, child))
+
+    async def _claim_for(self, prog: Program, sb: Program, child: launcher.Child) -> None:
+        """Both queues of ``prog``'s slot to the promoted ``child`` (forced claims), then READY; a new standby."""
+        from hotplane.secondary.worker import control_socket_path
+        from hotplane.shared import ipc
+
+        path = control_socket_path(self.rundir, child.pid)
+        t0 = time.monotonic()
+
+        async def claim(queue: str) -> None:
+            params = {"queue": queue, "force": True, "timeout": STANDBY_CLAIM_TIMEOUT}
+            async with await ipc.connect(path, heartbeat_interval=None) as ch:
+                await ch.request("claim", params, timeout=STANDBY_CLAIM_TIMEOUT + 5.0)
+
+        wid = prog.worker_id
+        # Both at once: the worker answers a claim only when it holds all its queues.
+        results = await asyncio.gather(claim(f"inside/{wid}"), claim(f"outside/{wid}"), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            self.say(f"{prog.name}: promoted standby pid {child.pid} could not claim its queues ({failed[0]}); killing it, a fresh worker follows", "error")
+            child.send_signal(signal.SIGKILL)
+        else:
+            if prog.child is child and prog.machine.pid == child.pid:
+                prog.ready_info.update({"worker": wid, "version": child.version, "claimed_in_ms": round((time.monotonic() - t0) * 1e3, 3)})
+                self.feed(prog, Ready())
+        if sb.wanted and not self.shutting_down and sb.state in IDLE_STATES:
+            sb.launched = True
+            self.feed(sb, Start())
+
+    def _spawn_task(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.append(t)
+        t.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _on_standby_report(self, channel, prog: Program, params: dict) -> dict:
+        """A standby's candidate steps (``attached``, ``validated``, ``warm``, ``ready``): ``ready`` is its READY."""
+        from hotplane.shared.ipc import RemoteError
+
+        pid = channel.peer.pid
+        if prog.machine.pid != pid:
+            raise RemoteError("not_current", f"{prog.name}: pid {pid} is not the supervised process (pid {prog.machine.pid})")
+        step = str(params.get("step"))
+        detail = params.get("detail") if isinstance(params.get("detail"), dict) else {}
+        if step == "validated":
+            refused = {z: v for z, v in (detail.get("zones") or {}).items() if str(v).startswith("refused")}
+            if refused:
+                self.say(f"{prog.name}: pid {pid} cannot stand by: " + "; ".join(f"{z}: {v}" for z, v in refused.items()), "error")
+        elif step == "ready":
+            prog.ready_info = dict(detail, version=params.get("version") or prog.version, standby=True)
+            self.feed(prog, Ready())
+        return {"ok": True, "state": prog.state.value}
+
+    async def _ask_adopted(self, prog: Program, child: launcher.Child) -> None:
+        """An adopted worker or standby whose READY is not on record: its control socket tells.
+
+        A worker holding both its queues and polling, or a standby parked with none,
+        is up; anything else (or no answer) leaves it to report READY itself or to
+        the ready timeout.
+        """
+        from hotplane.secondary.worker import control_socket_path
+        from hotplane.shared import ipc
+
+        try:
+            async with await ipc.connect(control_socket_path(self.rundir, child.pid), heartbeat_interval=None) as ch:
+                st = (await ch.request("status", {}, timeout=5.0)).result
+        except (ipc.IpcError, OSError, asyncio.TimeoutError):
+            return
+        if not isinstance(st, dict) or prog.child is not child or prog.state is not State.STARTING:
+            return
+        wid = prog.worker_id
+        holds = set(st.get("owned") or []) == {f"inside/{wid}", f"outside/{wid}"} and not st.get("parked")
+        parked = bool(st.get("parked")) and not st.get("owned") and prog.kind == "standby"
+        if holds or parked:
+            prog.ready_info = {"worker": wid, "version": st.get("version"), "asked": True}
+            self.say(f"{prog.name}: adopted pid {child.pid} says it is {'parked' if parked else 'polling its queues'}: READY")
+            self.feed(prog, Ready())
 
     def _changed(self, prog: Program | None = None) -> None:
         for f in self._waiters:
@@ -537,9 +783,20 @@ class Supervisor:
             prog.launched = True
             prog.adopted = True
             prog.version = rec.version
+            prog.restarts = rec.restarts
+            prog.had_process = True
+            ready = rec.ready
+            if not ready:
+                marker = launcher.ready_marker(self.rundir, rec)
+                if marker is not None:
+                    ready = True
+                    prog.ready_info = marker
+                    self.say(f"{name}: pid {rec.pid} reported READY while no supervisor was listening (its READY marker says so)")
             child.watch(self.loop, lambda c, ex, prog=prog: self.feed(prog, ex))
-            self.feed(prog, Adopted(rec.pid, rec.start_time, ready=rec.ready))
+            self.feed(prog, Adopted(rec.pid, rec.start_time, ready=ready))
             prog.log.write_line(f"adopted by supervisor pid {os.getpid()}")
+            if not ready and prog.kind in ("worker", "standby") and prog.state is State.STARTING:
+                self._spawn_task(self._ask_adopted(prog, child))
             n += 1
         if dead:
             self._release_dead_owners(dead)
@@ -622,7 +879,8 @@ class Supervisor:
             beats = CounterBlocks.attach(z.view).heartbeats()
             now_ns = time.monotonic_ns()
             for p in self.programs.values():
-                if p.worker_id is None or not p.machine.is_up or p.worker_id >= len(beats):
+                # A standby is parked: it does not beat (the block's writer is the active worker).
+                if p.kind != "worker" or p.worker_id is None or not p.machine.is_up or p.worker_id >= len(beats):
                     continue
                 up = p.machine.uptime(self.loop.time()) or 0.0
                 hb = int(beats[p.worker_id])
@@ -713,12 +971,13 @@ class Supervisor:
             "uptime": up,
             "since": time.time() - (now - m.since) if m.since is not None else None,
             "description": m.describe(now),
-            "restarts": max(0, p.spawns - 1) + (1 if p.adopted and p.spawns else 0),
+            "restarts": p.restarts,
             "version": p.ready_info.get("version") or p.version,
             "adopted": p.adopted,
             "wanted": p.wanted,
             "last_exit": ex.describe() if ex is not None else None,
             "log": str(p.log.path) if p.log is not None else str(self.log_dir / f"{p.name}.log"),
+            "ready_info": {k: v for k, v in p.ready_info.items() if isinstance(v, (str, int, float, bool)) or v is None},
         }
 
     def status(self) -> dict[str, Any]:
@@ -806,6 +1065,9 @@ class Supervisor:
         if m == "candidate_report":
             from hotplane.supervisor import upgrade_protocol as upp
 
+            unit = self.programs.get(str(params.get("unit")))
+            if unit is not None and unit.kind == "standby":
+                return self._on_standby_report(channel, unit, params), ()
             if self.upgrade is None or self.upgrade.machine is None:
                 raise RemoteError("not_running", "no upgrade is running")
             self.upgrade.feed(upp.CandidateReport(str(params.get("unit")), str(params.get("step")), dict(params.get("detail") or {})))
@@ -818,6 +1080,8 @@ class Supervisor:
             return self.upgrade.status(), ()
         if m == "upgrade_history":
             return {"history": self.upgrade.history()}, ()
+        if m == "upgrade_resume":
+            return self.upgrade.resume_paused(), ()
         if m == "upgrade_commit":
             self.upgrade.commit_now()
             return self.upgrade.status(), ()
@@ -943,7 +1207,10 @@ class Supervisor:
         self.log = LogFile(self.log_dir / "supervisor.log", name="supervisor")
         self.say(f"supervisor {__version__} pid {os.getpid()} for instance {self.prefix!r} ({self.cfg.source}); runtime {self.rundir}, logs {self.log_dir}")
         try:
-            self.server = await ipc.serve(self.rundir / SOCKET_NAME, self.handle)
+            # No channel heartbeats: supervisorctl's blocking client sends none, and a
+            # restart or an upgrade it waits for may take longer than a heartbeat limit.
+            # A client that dies closes its socket, which is all the supervisor needs.
+            self.server = await ipc.serve(self.rundir / SOCKET_NAME, self.handle, heartbeat_interval=None)
         except ipc.IpcError as e:
             self.failure = f"cannot serve the control socket: {e}"
             self.say(self.failure, "error")
@@ -1054,6 +1321,9 @@ def add_app_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rate", type=int, default=20000, help="generator packets per second, 0 = flat out (default 20000)")
     ap.add_argument("--flows", type=int, default=64, help="generator flows (spread over the workers; default 64)")
     ap.add_argument("--stats-listen", help="override [stats] listen (address:port; port 0 picks a free one)")
+    ap.add_argument("--hot-standby", dest="hot_standby", action="store_true", default=None,
+                    help="a parked, attached standby per worker, promoted when the worker dies (overrides [supervisor] hot_standby)")
+    ap.add_argument("--no-hot-standby", dest="hot_standby", action="store_false", help="no standbys whatever the configuration says")
     ap.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeat checks (default 0.5)")
     ap.add_argument("--heartbeat-misses", type=int, default=10, help="missed intervals before a worker counts as hung (default 10)")
     ap.add_argument("--stop-wait", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
@@ -1086,6 +1356,12 @@ def preflight(opts: EalOptions, app: argparse.Namespace, prog: str) -> tuple[Any
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return None, EXIT_USAGE
+    problems = check_privileges(opts, app, cfg)
+    if problems:
+        print(f"{prog}: uid {os.geteuid()} lacks what instance {opts.file_prefix!r} needs ({len(problems)} problem(s)); nothing was started:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return None, EXIT_FAILURE
     if app.stats_listen:
         from hotplane.secondary.stats import parse_listen
 

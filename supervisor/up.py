@@ -4,7 +4,8 @@
 
 Without ``-c`` it runs the embedded default configuration: two ring ports, two
 workers, the traffic generator feeding ``ring:in`` and the verifying sink reading
-``ring:out``, so a fresh machine shows live traffic at once. In the foreground
+``ring:out``, so a fresh machine shows live traffic at once (``--hot-standby`` adds a
+parked standby per worker, promoted when its worker dies). In the foreground
 (the default) this process *is* the supervisor: it prints the figures every second
 (per-worker and per-queue packet rates, the sink's received / lost / duplicated /
 reordered / corrupted, sessions, each process's state) until Ctrl-C or SIGTERM,
@@ -47,6 +48,8 @@ def supervisor_args(app: argparse.Namespace) -> list[str]:
     out += ["--rate", str(app.rate), "--flows", str(app.flows)]
     if app.stats_listen:
         out += ["--stats-listen", app.stats_listen]
+    if app.hot_standby is not None:
+        out.append("--hot-standby" if app.hot_standby else "--no-hot-standby")
     out += ["--heartbeat-interval", repr(app.heartbeat_interval), "--heartbeat-misses", str(app.heartbeat_misses), "--stop-wait", repr(app.stop_wait)]
     if app.log_dir:
         out += ["--log-dir", str(Path(app.log_dir).resolve())]

@@ -175,3 +175,99 @@ def sigkill(pid: int) -> None:
         pass
     except psutil.TimeoutExpired:
         pass
+
+
+# --------------------------------------------------------------------------- reading the instance's memory
+
+
+class Memory:
+    """The instance memory, attached once (figures and sessions without asking the supervisor)."""
+
+    def __init__(self, prefix: str) -> None:
+        from hotplane.shared.eal import EalOptions
+        from hotplane.shared.instance import eal_init
+
+        self.inst = eal_init(EalOptions(file_prefix=prefix, proc_type="secondary"))
+
+    def snapshot(self) -> dict:
+        from hotplane.secondary.stats import snapshot
+
+        return snapshot(self.inst.directory)
+
+    def sink_packets(self) -> int:
+        return {t["name"]: t for t in self.snapshot()["traffic"]}["sink"]["packets"]
+
+    def sink_received(self, pid: int) -> int:
+        """Every stamped packet sink process ``pid`` got, duplicates included: a restarted generator
+        replays its flows from sequence 0, which the sink counts as duplicates until it passes
+        the old sequence numbers (a restarted sink has a slot of its own, counting from 0)."""
+        rows = [x for x in self.snapshot()["traffic"] if x["name"] == "sink" and x["pid"] == pid]
+        return rows[0]["packets"] + rows[0]["duplicated"] if rows else 0
+
+    def owners(self) -> dict[tuple[str, int], int]:
+        return {(q["port"], q["queue"]): q["owner_pid"] for q in self.snapshot()["queues"]}
+
+    def sessions(self) -> set[tuple[int, int, int]]:
+        """Every NAT session as (worker, key0, key1), read from the in2out tables."""
+        import re
+
+        import numpy as np
+
+        from hotplane.shared.session_table import SessionTable
+
+        out: set[tuple[int, int, int]] = set()
+        for z in self.inst.directory.list():
+            m = re.match(r"^nat\.w(\d+)\.in2out$", z.name)
+            if m is None:
+                continue
+            e = SessionTable.attach(z.view).entries
+            used = np.flatnonzero(e["state"] == 1)
+            w = int(m.group(1))
+            out.update((w, int(a), int(b)) for a, b in zip(e["key0"][used].tolist(), e["key1"][used].tolist()))
+        return out
+
+    def close(self) -> None:
+        self.inst.close()
+
+
+# --------------------------------------------------------------------------- another user
+
+
+NOBODY = 65534
+
+
+def nobody_argv(argv: list[str], stash: Path, *, new_netns: bool = False) -> list[str]:
+    """``argv`` run as uid/gid 65534 with no capabilities (setpriv), this interpreter included.
+
+    The interpreter may live where nobody can reach it (pyenv under root's 0700 home):
+    then the command runs in a private mount namespace where that home is replaced by
+    a tmpfs holding only a bind mount of the interpreter's tree (the same paths, so
+    the interpreter finds its libraries). ``stash`` is an empty directory for the bind.
+    Nothing changes outside the namespace. ``new_netns``: also a private network
+    namespace (only its own ``lo``).
+    """
+    real = Path(os.path.realpath(sys.executable))
+    blocked = next((d for d in reversed(real.parents) if d != Path("/") and not os.stat(d).st_mode & 0o001), None)
+    setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    unshare = ["unshare", "-m", "--propagation", "private"] + (["-n"] if new_netns else [])
+    if blocked is None:
+        return [*unshare, *setpriv, *argv] if new_netns else [*setpriv, *argv]
+    keep = real.relative_to(blocked).parts[0]  # e.g. .pyenv under /root
+    script = ('set -e; mount --bind "$1/$2" "$3"; mount -t tmpfs -o mode=0755 tmpfs "$1"; mkdir -p "$1/$2"; '
+              'mount --bind "$3" "$1/$2"; shift 3; exec "$@"')
+    return [*unshare, "sh", "-c", script, "sh", str(blocked), keep, str(stash), *setpriv, *argv]
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """A Prometheus text exposition as {(sample name, sorted label items): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out

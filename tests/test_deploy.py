@@ -47,11 +47,16 @@ def test_unit_has_the_required_settings() -> None:
     assert set(u) == {"Unit", "Service", "Install"}
     assert one(u, "Service", "Type") == "notify"
     assert one(u, "Service", "NotifyAccess") == "main"
-    assert one(u, "Service", "KillMode") == "mixed"
+    # process: systemd signals the supervisor alone, so its crash leaves the packet path running
+    # (mixed would SIGKILL the cgroup after it died); `systemctl stop` stops the tree through ExecStop.
+    assert one(u, "Service", "KillMode") == "process"
     assert one(u, "Service", "Restart") == "on-failure"
     assert re.fullmatch(r"\d+s?", one(u, "Service", "WatchdogSec"))
     assert one(u, "Service", "ExecStart") == "/usr/local/bin/hotplane up -c /etc/hotplane/gateway.toml"
-    assert one(u, "Service", "ExecStop").startswith("/usr/local/bin/hotplane down")
+    stop = one(u, "Service", "ExecStop")
+    assert stop.startswith("/usr/local/bin/hotplane down") and "--systemd" in stop.split(), "ExecStop stops nothing after a crash"
+    timeout = int(stop.split("--timeout", 1)[1].split()[0])
+    assert timeout < int(one(u, "Service", "TimeoutStopSec").rstrip("s")), "hotplane down finishes before systemd gives up"
     pre = one(u, "Service", "ExecStartPre")
     assert "hugepages.sh" in pre and "--pages" in pre and pre.startswith("+/")
     caps = set(one(u, "Service", "AmbientCapabilities").split())
@@ -155,3 +160,30 @@ def test_hugepages_mounts_once(tmp_path: Path) -> None:
             assert "another file system" in r.stderr
         finally:
             subprocess.run(["umount", str(other)], capture_output=True, timeout=30)
+
+
+def test_execstop_stops_only_while_the_main_process_runs(tmp_path: Path) -> None:
+    """``hotplane down --systemd`` decides on systemd's $MAINPID: set and alive -> stop; unset or dead -> nothing."""
+    import sys
+
+    from hotplane.supervisor.down import main_process_alive
+
+    assert main_process_alive({})[0] is False
+    assert main_process_alive({"MAINPID": ""})[0] is False
+    assert main_process_alive({"MAINPID": "nope"})[0] is False
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ok, why = main_process_alive({"MAINPID": str(gone.pid)})
+    assert ok is False and "has exited" in why
+    ok, why = main_process_alive({"MAINPID": str(os.getpid())})
+    assert ok is True, why
+
+    env = {k: v for k, v in os.environ.items() if k != "MAINPID"}
+    env["HOTPLANE_RUNTIME_DIR"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "hotplane.supervisor.cli", "down", "-p", "tdeploynone", "--systemd", "--json"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    doc = __import__("json").loads(r.stdout)
+    assert r.returncode == 0 and "no $MAINPID" in doc["skipped"] and "nothing stopped" in doc["messages"][0], r
+    r = subprocess.run(cmd, env=dict(env, MAINPID=str(os.getpid())), capture_output=True, text=True, timeout=60)
+    doc = __import__("json").loads(r.stdout)
+    assert r.returncode == 0 and "skipped" not in doc and "is not running" in doc["messages"][-1], r

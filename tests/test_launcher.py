@@ -373,6 +373,53 @@ def test_record_roundtrip_and_atomic_save(tmp_path: Path, children) -> None:
     assert load_records(tmp_path) == {}
 
 
+def test_record_keeps_the_restart_count(tmp_path: Path, children) -> None:
+    c = spawn(LaunchSpec("w0", [PY, "-c", SLEEPER]))
+    children.append(c)
+    save_record(tmp_path, c.record(ready=True, restarts=7))
+    assert load_record(tmp_path, "w0").restarts == 7
+    d = json.loads((tmp_path / "procs" / "w0.json").read_text())
+    del d["restarts"]  # a record written before restart counts were kept
+    (tmp_path / "procs" / "w0.json").write_text(json.dumps(d))
+    assert load_record(tmp_path, "w0").restarts == 0
+    d["restarts"] = -1
+    (tmp_path / "procs" / "w0.json").write_text(json.dumps(d))
+    with pytest.raises(RecordError):
+        load_record(tmp_path, "w0")
+
+
+# The child reports READY the way every program does (shared/ready.py, as if a supervisor
+# were listening at a socket nobody serves), then says so on the fd in argv[1].
+READY_REPORTER = (
+    "import os, sys, time\n"
+    "from hotplane.shared.ready import report_ready\n"
+    "report_ready('w0', {'answer': 42}, timeout=2)\n"
+    "os.write(int(sys.argv[1]), b'r')\n"
+    "time.sleep(3600)\n"
+)
+
+
+def test_ready_marker_of_a_process_that_reported_with_no_supervisor(tmp_path: Path, children) -> None:
+    r, w = os.pipe()
+    env = dict(os.environ, HOTPLANE_SUPERVISOR_SOCKET=str(tmp_path / "supervisor.sock"), HOTPLANE_PROGRAM="w0")
+    c = spawn(LaunchSpec("w0", [PY, "-c", READY_REPORTER, str(w)], env=env, pass_fds=(w,)))
+    children.append(c)
+    os.close(w)
+    try:
+        assert wait_fd(r) == b"r"
+    finally:
+        os.close(r)
+    rec = c.record()
+    marker = launcher.ready_marker(tmp_path, rec)
+    assert marker is not None and marker["answer"] == 42 and marker["pid"] == c.pid
+    assert launcher.load_records(tmp_path) == {}, "a marker is not a record"
+    # Only this very process counts: another pid, or the same pid with another identity token, does not.
+    assert launcher.ready_marker(tmp_path, ProcessRecord(**{**rec.__dict__, "pid": c.pid + 1})) is None
+    assert launcher.ready_marker(tmp_path, ProcessRecord(**{**rec.__dict__, "token": "0" * 32})) is None
+    remove_record(tmp_path, "w0")
+    assert launcher.ready_marker(tmp_path, rec) is None and not launcher.ready_marker_path(tmp_path, "w0").exists()
+
+
 def test_corrupt_records_are_reported_not_adopted(tmp_path: Path) -> None:
     d = tmp_path / "procs"
     d.mkdir()
