@@ -47,6 +47,10 @@ class EalOptions:
     lcores: list[int] | None = None
     vdevs: list[str] = field(default_factory=list)
     app_args: list[str] = field(default_factory=list)
+    # The one role the command can run as ('primary' | 'secondary'), None for a command
+    # that can be either. With --proc-type auto, eal_init refuses a resolution that
+    # contradicts it.
+    role: str | None = None
 
     @property
     def memory_bytes(self) -> int:
@@ -119,7 +123,7 @@ def parse_lcores(spec: str) -> list[int]:
 def _eal_parser(prog: str) -> _Parser:
     p = _Parser(prog=prog, add_help=False, allow_abbrev=False)
     p.add_argument("--file-prefix", default=DEFAULT_PREFIX)
-    p.add_argument("--proc-type", choices=("primary", "secondary", "auto"), default="auto")
+    p.add_argument("--proc-type", choices=("primary", "secondary", "auto"), default=None)
     p.add_argument("--huge-dir")
     p.add_argument("--socket-mem", type=_positive_mb, dest="socket_mem_mb")
     p.add_argument("--base-virtaddr", type=_int_auto)
@@ -131,7 +135,9 @@ def _eal_parser(prog: str) -> _Parser:
 
 EAL_HELP = """EAL options (before --):
   --file-prefix NAME      instance name: runtime dir, memory file and IPC names (default hotplane)
-  --proc-type TYPE        primary | secondary | auto (default auto)
+  --proc-type TYPE        primary | secondary | auto: auto is the primary if no primary of
+                          the prefix runs, else a secondary (default: the command's own role,
+                          or auto for a command that can be either)
   --huge-dir DIR          hugetlbfs mount to use (default: found from /proc/mounts)
   --socket-mem MB         shared memory size in MiB (primary only; default 256)
   --base-virtaddr ADDR    fixed virtual address of the shared memory (primary only)
@@ -143,8 +149,10 @@ EAL_HELP = """EAL options (before --):
 def parse_eal(argv: list[str], *, prog: str = "hotplane", role: str | None = None) -> EalOptions:
     """Parse ``[EAL options] [-- app options]``; raises UsageError on bad input.
 
-    ``role`` ('primary' or 'secondary') pins --proc-type for commands that can
-    only be one of them, and makes a contradicting --proc-type an error.
+    ``role`` ('primary' or 'secondary') is the one role of a command that can
+    only be one of them: it is the default --proc-type, a contradicting explicit
+    --proc-type is an error, and --proc-type auto is kept for ``eal_init`` to
+    resolve (refusing, there, a resolution other than ``role``).
     """
     if "--" in argv:
         i = argv.index("--")
@@ -156,7 +164,7 @@ def parse_eal(argv: list[str], *, prog: str = "hotplane", role: str | None = Non
         raise UsageError(f"unknown EAL option(s): {' '.join(unknown)} (application options go after --)")
     opts = EalOptions(
         file_prefix=ns.file_prefix,
-        proc_type=ns.proc_type,
+        proc_type=ns.proc_type or role or "auto",
         huge_dir=ns.huge_dir,
         socket_mem_mb=ns.socket_mem_mb,
         base_virtaddr=ns.base_virtaddr,
@@ -175,11 +183,12 @@ def validate(opts: EalOptions, *, role: str | None = None) -> None:
         raise UsageError(f"--file-prefix {opts.file_prefix!r}: use 1-32 letters, digits, '.', '_' or '-'")
     if role is not None:
         if opts.proc_type not in ("auto", role):
-            raise UsageError(f"--proc-type {opts.proc_type} contradicts this command, which always runs as {role}")
-        opts.proc_type = role
+            raise UsageError(f"--proc-type {opts.proc_type} contradicts this command, which always runs as "
+                             f"{'the primary' if role == 'primary' else 'a secondary'}: drop --proc-type, or give {role} or auto")
+        opts.role = role
     if opts.no_huge and opts.huge_dir:
         raise UsageError("--no-huge and --huge-dir contradict each other: pick one")
-    if opts.proc_type == "secondary":
+    if "secondary" in (opts.proc_type, opts.role):
         for flag, val in (("--socket-mem", opts.socket_mem_mb), ("--base-virtaddr", opts.base_virtaddr), ("--no-huge", opts.no_huge or None), ("--huge-dir", opts.huge_dir)):
             if val is not None:
                 raise UsageError(f"{flag} is the primary's choice; a secondary takes it from the running primary: drop {flag}")

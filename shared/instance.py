@@ -22,6 +22,7 @@ from hotplane.shared.runtime import (
     FileLock,
     MemoryDescriptor,
     attach_lock,
+    flock_holders,
     memzone_lock,
     primary_lock,
     running_primary_pid,
@@ -56,26 +57,85 @@ class Instance:
         self._locks = []
 
 
+class PrimaryRunning(InstanceError):
+    """Another primary of the prefix holds the primary lock; ``pid`` is its pid (None if unknown)."""
+
+    def __init__(self, pid: int | None, message: str) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
 def eal_init(opts: EalOptions) -> Instance:
     """Join the instance named by ``opts.file_prefix`` as its primary or a secondary."""
     apply_affinity(opts)
-    proc_type = opts.proc_type
-    if proc_type == "auto":
-        proc_type = "secondary" if running_primary_pid(opts.file_prefix) else "primary"
-    if proc_type == "primary":
+    if opts.proc_type == "auto":
+        return _init_auto(opts)
+    if opts.proc_type == "primary":
         return _init_primary(opts)
     return _attach_secondary(opts)
+
+
+def _init_auto(opts: EalOptions) -> Instance:
+    """DPDK's --proc-type auto: the primary if no primary of the prefix runs, else a secondary.
+
+    A command that runs in one role only (``opts.role``) is refused, with what
+    to do, when auto resolves to the other one.
+    """
+    prefix = opts.file_prefix
+    pid = running_primary_pid(prefix)
+    if pid is None:
+        if opts.role == "secondary":
+            left = (runtime_dir(prefix) / "memory.json").exists()
+            raise InstanceError(
+                f"--proc-type auto: no primary of --file-prefix {prefix} is running, so this process would be the primary, "
+                f"but this command runs only as a secondary: start its primary first (hotplane primary --file-prefix {prefix}, "
+                f"or hotplane up)" + (", or give --proc-type secondary to attach to the memory its last primary left" if left else "")
+            )
+        try:
+            return _init_primary(opts)
+        except PrimaryRunning as e:
+            if opts.role == "primary":
+                raise
+            pid = e.pid  # another primary won the race: this process joins it
+    if opts.role == "primary":
+        raise PrimaryRunning(pid, f"a primary for --file-prefix {prefix} is already running ({_pid_text(pid)}): with --proc-type auto "
+                                  f"this process would be a secondary, but this command runs only as the primary; stop it first or pick another --file-prefix")
+    return _attach_secondary(opts)
+
+
+def _take_primary_lock(prefix: str) -> FileLock:
+    """The primary lock, held with this pid recorded; raises PrimaryRunning naming the holder.
+
+    The holder is read from the kernel's lock table, not from the pid the holder
+    writes after locking, so a primary that has just won the lock is named
+    correctly even before it has recorded itself.
+    """
+    plock = primary_lock(prefix)
+    pid: int | None = None
+    for _ in range(3):
+        if plock.acquire(blocking=False):
+            plock.write_pid()
+            return plock
+        holders = flock_holders(plock.path)
+        excl = [h for h, exclusive in holders or () if exclusive]
+        if holders is None or excl:
+            pid = excl[0] if excl and excl[0] > 0 else plock.recorded_pid()
+            break
+        # The holder let go between our try and our look: try again.
+    else:
+        pid = plock.recorded_pid()
+    plock.release()
+    raise PrimaryRunning(pid, f"a primary for --file-prefix {prefix} is already running ({_pid_text(pid)}); stop it first or pick another --file-prefix")
+
+
+def _pid_text(pid: int | None) -> str:
+    return f"pid {pid}" if pid is not None and pid > 0 else "pid unknown: its holder cannot be seen from this process"
 
 
 def _init_primary(opts: EalOptions) -> Instance:
     prefix = opts.file_prefix
     rdir = runtime_dir(prefix, create=True)
-    plock = primary_lock(prefix)
-    if not plock.acquire(blocking=False):
-        pid = plock.read_pid()
-        plock.release()
-        raise InstanceError(f"a primary for --file-prefix {prefix} is already running (pid {pid}); stop it first or pick another --file-prefix")
-    plock.write_pid()
+    plock = _take_primary_lock(prefix)
     alock = attach_lock(prefix)
     alock.acquire(exclusive=False)
     locks = [plock, alock]
@@ -85,7 +145,8 @@ def _init_primary(opts: EalOptions) -> Instance:
             prev = MemoryDescriptor.load(rdir)
         except (OSError, ValueError, TypeError):
             prev = None
-        if prev is not None and memory_mod.existing_memory_file(prefix) == prev.path:
+        existing = memory_mod.existing_memory_file(prefix)
+        if prev is not None and existing == prev.path:
             if opts.base_virtaddr is not None and opts.base_virtaddr != prev.base:
                 raise InstanceError(f"instance {prefix!r} already has memory mapped at {prev.base:#x}; --base-virtaddr {opts.base_virtaddr:#x} contradicts it (drop the option, or 'hotplane cleanup --file-prefix {prefix}' to start over)")
             base = prev.base
@@ -96,6 +157,9 @@ def _init_primary(opts: EalOptions) -> Instance:
                 directory = Directory.format(mem.view, lock, prefix, base=base, hugepage_size=mem.descriptor.hugepage_size)
             else:
                 directory = Directory.open(mem.view, lock, prefix, base=base)
+                note = memory_mod.backing_note(mem.descriptor.path, prefix, no_huge=opts.no_huge, huge_dir=opts.huge_dir)
+                if note:
+                    print(f"hotplane: {note}", file=sys.stderr)
                 if opts.socket_mem_mb is not None and mem.size < opts.memory_bytes:
                     print(f"hotplane: note: re-attached existing memory of {mem.size >> 20} MiB; --socket-mem {opts.socket_mem_mb} applies only to a new instance", file=sys.stderr)
             generation = directory.start_generation()
@@ -128,7 +192,7 @@ def _attach_secondary(opts: EalOptions) -> Instance:
     alock = attach_lock(prefix)
     alock.acquire(exclusive=False)
     try:
-        mem = memory_mod.attach(desc)
+        mem = memory_mod.attach(desc, prefix)
         try:
             directory = Directory.open(mem.view, memzone_lock(prefix), prefix, base=desc.base)
         except BaseException:

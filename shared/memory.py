@@ -36,6 +36,15 @@ class MemoryError_(Exception):
     """The shared memory cannot be created or attached; the message says what to do."""
 
 
+class AddressInUse(MemoryError_):
+    """The base address range is already mapped in this process (the caller says what to do)."""
+
+    def __init__(self, base: int, size: int) -> None:
+        super().__init__(f"the address range {base:#x}..{base + size:#x} is already in use in this process")
+        self.base = base
+        self.size = size
+
+
 @dataclass
 class HugeMount:
     path: str
@@ -110,10 +119,7 @@ def map_fixed(fd: int, size: int, base: int) -> int:
     if addr is None or addr == MAP_FAILED:
         err = ctypes.get_errno()
         if err == 17:  # EEXIST
-            raise MemoryError_(
-                f"cannot map shared memory at {base:#x}: the address range is already in use in this process; "
-                f"start the primary with another --base-virtaddr (a 2 MiB aligned address such as {base + (64 << 30):#x})"
-            )
+            raise AddressInUse(base, size)
         if err == 12:  # ENOMEM
             raise MemoryError_(f"not enough memory to map {size >> 20} MiB at {base:#x} (for hugepages: too few free hugepages; run deploy/hugepages.sh or lower --socket-mem)")
         raise MemoryError_(f"mmap of {size >> 20} MiB at {base:#x} failed: {os.strerror(err)}")
@@ -175,13 +181,43 @@ def hugefile_path(mount: HugeMount, prefix: str) -> str:
 
 
 def existing_memory_file(prefix: str, huge_dir: str | None = None) -> str | None:
-    """The memory file a previous primary of ``prefix`` left behind, if any."""
-    candidates = [os.path.join(m.path, f"{prefix}map_0") for m in hugetlbfs_mounts()]
+    """The memory file a previous primary of ``prefix`` left behind, if any (on any backing).
+
+    ``huge_dir`` does not narrow the search: the instance's state lives wherever
+    it was created, and a restart keeps it (see ``backing_note``).
+    """
+    candidates = [hugefile_path(m, prefix) for m in hugetlbfs_mounts()]
     candidates.append("/dev/shm" + shm_name(prefix))
     for c in candidates:
         if os.path.exists(c):
             return c
     return None
+
+
+def backing_note(existing: str, prefix: str, *, no_huge: bool, huge_dir: str | None) -> str | None:
+    """What to tell an operator whose --no-huge / --huge-dir disagrees with the memory being re-attached.
+
+    A restart keeps the instance's state, so the existing file is used as it is;
+    the note names it and how to start fresh instead. None when nothing disagrees.
+    """
+    on_shm = existing.startswith("/dev/shm/")
+    if no_huge and not on_shm:
+        asked = "--no-huge (4 KiB pages)"
+    elif huge_dir is not None and os.path.realpath(os.path.dirname(existing)) != os.path.realpath(huge_dir):
+        asked = f"--huge-dir {huge_dir}"
+    else:
+        return None
+    where = "4 KiB shared memory" if on_shm else "hugepages"
+    return (f"note: {asked} asked for, but instance {prefix!r} already has its memory on {where} in {existing}: "
+            f"re-attaching it to keep its state (the option applies only to a new instance). To start fresh with {asked}: "
+            f"stop the instance, run 'hotplane cleanup --file-prefix {prefix}' (its contents are lost), then start again")
+
+
+def _fresh_address_in_use(e: AddressInUse) -> MemoryError_:
+    return MemoryError_(
+        f"cannot map the new shared memory at {e.base:#x}: {e}; start the primary with another "
+        f"--base-virtaddr (a 2 MiB aligned address such as {e.base + (64 << 30):#x})"
+    )
 
 
 def create_or_open(prefix: str, size: int, base: int, *, no_huge: bool, huge_dir: str | None) -> tuple[SharedMemory, bool]:
@@ -200,7 +236,16 @@ def create_or_open(prefix: str, size: int, base: int, *, no_huge: bool, huge_dir
             if st.st_size == 0:
                 raise MemoryError_(f"{existing} is empty: a primary died while creating it; run 'hotplane cleanup --file-prefix {prefix}' and start again")
             desc = MemoryDescriptor(path=existing, size=st.st_size, base=base, hugepage_size=page, shm_name=None if on_huge else shm_name(prefix))
-            addr = map_fixed(fd, st.st_size, base)
+            try:
+                addr = map_fixed(fd, st.st_size, base)
+            except AddressInUse:
+                # The file is kept: its contents are only valid at the address they were made for.
+                raise MemoryError_(
+                    f"cannot re-attach instance {prefix!r}'s memory {existing} at {base:#x}: that address range is already in use "
+                    f"in this process, and the memory can only be used at the address it was created at. Start the primary again "
+                    f"(the range is normally free in a new process), or to start over at another address: "
+                    f"'hotplane cleanup --file-prefix {prefix}' (its contents are lost), then --base-virtaddr ADDR"
+                ) from None
         finally:
             os.close(fd)
         return SharedMemory(desc, addr, _view(addr, desc.size)), False
@@ -226,6 +271,10 @@ def create_or_open(prefix: str, size: int, base: int, *, no_huge: bool, huge_dir
         try:
             os.ftruncate(fd, size)
             addr = map_fixed(fd, size, base)
+        except AddressInUse as e:
+            os.close(fd)
+            os.unlink(path)
+            raise _fresh_address_in_use(e) from None
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -243,6 +292,10 @@ def create_or_open(prefix: str, size: int, base: int, *, no_huge: bool, huge_dir
     desc = MemoryDescriptor(path="/dev/shm" + name, size=size, base=base, hugepage_size=0, shm_name=name)
     try:
         addr = map_fixed(shm.fd, size, base)
+    except AddressInUse as e:
+        shm.close_fd()
+        shm.unlink()
+        raise _fresh_address_in_use(e) from None
     except BaseException:
         shm.close_fd()
         shm.unlink()
@@ -251,8 +304,8 @@ def create_or_open(prefix: str, size: int, base: int, *, no_huge: bool, huge_dir
     return SharedMemory(desc, addr, _view(addr, size)), True
 
 
-def attach(desc: MemoryDescriptor) -> SharedMemory:
-    """A secondary's mapping of the primary's memory, at the primary's address."""
+def attach(desc: MemoryDescriptor, prefix: str | None = None) -> SharedMemory:
+    """A secondary's mapping of the primary's memory, at the primary's address (``prefix`` names it in errors)."""
     try:
         fd = os.open(desc.path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -262,11 +315,16 @@ def attach(desc: MemoryDescriptor) -> SharedMemory:
             raise MemoryError_(f"{desc.path} is smaller than the primary said ({desc.size} bytes): corrupt runtime state")
         try:
             addr = map_fixed(fd, desc.size, desc.base)
-        except MemoryError_ as e:
+        except AddressInUse as e:
+            where = f" of instance {prefix!r}" if prefix else ""
+            fix = f"'hotplane cleanup --file-prefix {prefix}'" if prefix else "'hotplane cleanup'"
             raise MemoryError_(
-                f"secondary cannot map the primary's memory at {desc.base:#x}: {e}. "
-                f"Restart the primary with --base-virtaddr set to an address free in every process"
+                f"secondary cannot map the primary's memory{where} at {desc.base:#x}: {e}. Every process maps it at that "
+                f"same address; to move it, stop the instance, run {fix} (its contents are lost) and start the primary "
+                f"with --base-virtaddr set to an address free in every process"
             ) from None
+        except MemoryError_ as e:
+            raise MemoryError_(f"secondary cannot map the primary's memory at {desc.base:#x}: {e}") from None
     finally:
         os.close(fd)
     return SharedMemory(desc, addr, _view(addr, desc.size))

@@ -113,7 +113,14 @@ class Directory:
         if int(h["size"]) != mem_view.size:
             raise CorruptMemory(f"memory of instance {prefix!r}: directory says {int(h['size'])} bytes, file has {mem_view.size}; {fix}")
         if base is not None and int(h["base"]) != base:
-            raise CorruptMemory(f"memory of instance {prefix!r} was created for base {int(h['base']):#x}, mapped at {base:#x}; {fix}")
+            # Not corrupt, only mapped at the wrong address (e.g. memory.json was lost): the
+            # address it was made for re-attaches it with its contents.
+            made = int(h["base"])
+            raise CorruptMemory(
+                f"memory of instance {prefix!r} was created at base {made:#x} but was mapped at {base:#x} "
+                f"(its runtime record {prefix}/memory.json is missing or disagrees): start the primary with "
+                f"--base-virtaddr {made:#x} to re-attach it and keep its contents, or {fix}"
+            )
         n = int(h["zone_count"])
         if n > MAX_ZONES or int(h["next_free"]) > mem_view.size:
             raise CorruptMemory(f"memory of instance {prefix!r}: directory counters out of range; {fix}")

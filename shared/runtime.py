@@ -15,6 +15,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# Wide enough for any pid_max (2**22), so every write_pid overwrites the whole record.
+_PID_WIDTH = 10
+
 
 def runtime_root() -> Path:
     """Where instance directories live: $HOTPLANE_RUNTIME_DIR, /run/hotplane (root) or a per-user dir."""
@@ -87,12 +90,29 @@ class FileLock:
             self.fd = None
 
     def write_pid(self) -> None:
-        """Record the holder's pid in the lock file (for messages naming it)."""
+        """Record the holder's pid in the lock file (for messages naming it, and for humans).
+
+        One fixed-width ``pwrite`` and no truncation: a reader never sees an empty
+        file half-way through the update.
+        """
         assert self.fd is not None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(self.fd, f"{os.getpid():<{_PID_WIDTH}}\n".encode(), 0)
 
     def read_pid(self) -> int | None:
+        """The pid holding this lock exclusively, read from the kernel's lock table.
+
+        Falls back to the pid written in the file when the kernel cannot tell (no
+        /proc/locks, or a holder in another pid namespace): that record can lag
+        behind the lock by the instant between a new holder's ``flock`` and its
+        ``write_pid``.
+        """
+        excl = [pid for pid, exclusive in flock_holders(self.path) or () if exclusive]
+        if excl and excl[0] > 0:
+            return excl[0]
+        return self.recorded_pid()
+
+    def recorded_pid(self) -> int | None:
+        """The pid the last holder wrote into the file (may be stale)."""
         try:
             txt = self.path.read_text().strip()
             return int(txt) if txt else None
@@ -122,15 +142,84 @@ def memzone_lock(prefix: str) -> FileLock:
     return FileLock(runtime_dir(prefix, create=True) / "memzone.lock")
 
 
-def running_primary_pid(prefix: str) -> int | None:
-    """The pid of the running primary of ``prefix``, or None if none holds the lock."""
-    d = runtime_dir(prefix)
-    if not (d / "primary.lock").exists():
+def _lock_table(path: Path) -> list[tuple[int, bool]] | None:
+    """The flock entries of ``path`` in /proc/locks: [(pid, exclusive)]; None if unreadable."""
+    try:
+        st = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except OSError:
         return None
-    lock = FileLock(d / "primary.lock")
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
+    for line in table.splitlines():
+        parts = line.split()
+        # "N: FLOCK ADVISORY WRITE pid maj:min:ino 0 EOF"; waiters ("N: -> FLOCK ...") are not holders.
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == dev:
+            try:
+                out.append((int(parts[4]), parts[3] == "WRITE"))
+            except ValueError:
+                continue
+    return out
+
+
+_table_names_holders: dict[int, bool] = {}
+
+
+def _lock_table_usable(directory: Path) -> bool:
+    """Whether /proc/locks names the holders of locks on files in ``directory``.
+
+    Not on every filesystem (overlayfs and btrfs subvolumes report other device
+    numbers than stat) nor with a /proc from another pid namespace: checked once
+    per filesystem by finding a probe lock of this process's own.
+    """
+    try:
+        dev = os.stat(directory).st_dev
+    except OSError:
+        return False
+    if dev not in _table_names_holders:
+        probe = FileLock(directory / "probe.lock")
+        try:
+            probe.acquire(exclusive=False)
+            found = _lock_table(probe.path)
+            _table_names_holders[dev] = found is not None and any(pid == os.getpid() for pid, _ in found)
+        except OSError:
+            _table_names_holders[dev] = False
+        finally:
+            probe.release()
+    return _table_names_holders[dev]
+
+
+def flock_holders(path: Path) -> list[tuple[int, bool]] | None:
+    """Who holds an flock on ``path``: [(pid, exclusive)], read without touching the lock.
+
+    None when the kernel's lock table cannot tell for this file. A pid of 0 is
+    a holder outside this pid namespace.
+    """
+    if not _lock_table_usable(path.parent):
+        return None
+    return _lock_table(path)
+
+
+def running_primary_pid(prefix: str) -> int | None:
+    """The pid of the running primary of ``prefix``, or None if none holds the lock.
+
+    Reads the kernel's lock table instead of trying the lock, so asking never
+    makes a primary that starts at that instant find its lock taken. Returns -1
+    for a holder whose pid cannot be known.
+    """
+    path = runtime_dir(prefix) / "primary.lock"
+    if not path.exists():
+        return None
+    holders = flock_holders(path)
+    if holders is not None:
+        excl = [pid for pid, exclusive in holders if exclusive]
+        if not excl:
+            return None
+        return excl[0] if excl[0] > 0 else (FileLock(path).recorded_pid() or -1)
+    lock = FileLock(path)
     try:
         if lock.acquire(blocking=False):
             return None
-        return lock.read_pid() or -1
+        return lock.recorded_pid() or -1
     finally:
         lock.release()

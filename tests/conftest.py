@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-HUGEPAGES_WANTED = 512  # 1 GiB of 2 MiB pages: enough for a few test instances
+HUGEPAGES_FREE_NEEDED = 64  # 128 MiB of 2 MiB pages free: a few 16 MiB test instances at once
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -26,7 +26,9 @@ def _hugepage_status() -> str:
         n = int(Path("/proc/sys/vm/nr_hugepages").read_text())
     except OSError:
         return "unknown"
-    return f"nr_hugepages={n}, mounts={[m.path for m in _mounts()]}"
+    from hotplane.shared.memory import default_hugepage_size, free_hugepages
+
+    return f"nr_hugepages={n}, free={free_hugepages(default_hugepage_size())}, mounts={[m.path for m in _mounts()]}"
 
 
 def _mounts():
@@ -35,34 +37,109 @@ def _mounts():
     return hugetlbfs_mounts()
 
 
-def enable_hugepages(n: int = HUGEPAGES_WANTED) -> str | None:
-    """Try to make ``n`` 2 MiB hugepages and a hugetlbfs mount available; returns a skip reason or None."""
-    if os.geteuid() != 0:
-        return "not root: cannot enable hugepages"
-    try:
-        cur = int(Path("/proc/sys/vm/nr_hugepages").read_text())
-        if cur < n:
-            Path("/proc/sys/vm/nr_hugepages").write_text(str(n))
-        if int(Path("/proc/sys/vm/nr_hugepages").read_text()) < 16:
-            return "the kernel gave fewer than 16 hugepages"
-    except OSError as e:
-        return f"cannot set nr_hugepages: {e}"
-    if not _mounts():
-        os.makedirs("/dev/hugepages", exist_ok=True)
-        r = subprocess.run(["mount", "-t", "hugetlbfs", "nodev", "/dev/hugepages"], capture_output=True, text=True)
-        if r.returncode != 0:
-            return f"cannot mount hugetlbfs: {r.stderr.strip()}"
-    return None
+class HugepageGrant:
+    """What this test session did to get hugepages, so that exactly that is given back at its end."""
+
+    def __init__(self) -> None:
+        self.nr_path: Path | None = None
+        self.added = 0  # pages this session added to nr_hugepages
+        self.mounted: str | None = None  # the hugetlbfs mount this session made
+        self.made_dir = False
+
+    def enable(self, need: int = HUGEPAGES_FREE_NEEDED) -> str | None:
+        """Make ``need`` free hugepages of the default size and a mount for them; returns a skip reason or None."""
+        from hotplane.shared.memory import default_hugepage_size, free_hugepages
+
+        if os.geteuid() != 0:
+            return "not root: cannot enable hugepages"
+        size = default_hugepage_size()
+        kb = size >> 10
+        self.nr_path = Path(f"/sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages")
+        # Free, not total: pages other processes hold or have reserved are of no use here.
+        free = free_hugepages(size)
+        if free < need:
+            try:
+                cur = int(self.nr_path.read_text())
+                self.nr_path.write_text(str(cur + need - free))
+                self.added = max(0, int(self.nr_path.read_text()) - cur)
+            except OSError as e:
+                return f"{free} free {kb} KiB hugepages, {need} needed, and nr_hugepages cannot be raised: {e}"
+            free = free_hugepages(size)
+            if free < need:
+                return f"only {free} free {kb} KiB hugepages ({need} needed) even after adding {self.added}: the kernel has no more memory to give"
+        if not any(m.page_size == size for m in _mounts()):
+            where = "/dev/hugepages"
+            if not os.path.isdir(where):
+                os.makedirs(where)
+                self.made_dir = True
+            r = subprocess.run(["mount", "-t", "hugetlbfs", "-o", f"pagesize={kb}K", "nodev", where], capture_output=True, text=True)
+            if r.returncode != 0:
+                return f"cannot mount hugetlbfs on {where}: {r.stderr.strip()}"
+            self.mounted = where
+        return None
+
+    def mount_path(self) -> str:
+        """The hugetlbfs mount of the default page size."""
+        from hotplane.shared.memory import default_hugepage_size
+
+        size = default_hugepage_size()
+        return next(m.path for m in _mounts() if m.page_size == size)
+
+    def give_back(self) -> list[str]:
+        """Unmount what was mounted and remove the pages that were added; returns what could not be undone."""
+        left = []
+        if self.mounted is not None:
+            files = os.listdir(self.mounted)
+            if files:
+                # Unmounting would destroy them: they belong to someone else (another session, a live instance).
+                left.append(f"{self.mounted} stays mounted: it holds {files}")
+            else:
+                r = subprocess.run(["umount", self.mounted], capture_output=True, text=True)
+                if r.returncode != 0:
+                    left.append(f"cannot unmount {self.mounted}: {r.stderr.strip()}")
+                elif self.made_dir:
+                    os.rmdir(self.mounted)
+            self.mounted = None
+        if self.added and self.nr_path is not None:
+            try:
+                cur = int(self.nr_path.read_text())
+                # Only the session's own pages go; the kernel frees pages still in use once they are released.
+                self.nr_path.write_text(str(max(0, cur - self.added)))
+            except OSError as e:
+                left.append(f"cannot give back {self.added} hugepages: {e}")
+            self.added = 0
+        return left
+
+
+def _say(config: pytest.Config, text: str) -> None:
+    """A line on the terminal even while test output is captured."""
+    import contextlib
+
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        if tr is not None:
+            tr.write_line(text)
+        else:
+            print(text)
 
 
 @pytest.fixture(scope="session")
-def hugepages() -> str:
-    """A hugetlbfs mount with free pages, or the test is skipped with the reason printed."""
-    reason = enable_hugepages()
-    if reason:
-        print(f"\nSKIP hugepage variant: {reason}")
-        pytest.skip(reason)
-    return _mounts()[0].path
+def hugepages(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A hugetlbfs mount with free pages, or the test is skipped with the reason printed.
+
+    What the fixture reserved (nr_hugepages) and mounted is given back at the end of the session.
+    """
+    grant = HugepageGrant()
+    try:
+        reason = grant.enable()
+        if reason:
+            _say(request.config, f"\nSKIP hugepage variant: {reason}")
+            pytest.skip(reason)
+        yield grant.mount_path()
+    finally:
+        for problem in grant.give_back():
+            _say(request.config, f"\nhugepages: {problem}")
 
 
 class InstanceEnv:
