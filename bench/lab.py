@@ -19,10 +19,14 @@ sending CPU, so the kernel forwards on the generator's CPU and the hp-outside
 receive path runs on the forwarder's CPU: each forwarder shares one core with
 one measuring tool.
 
-For each forwarder a short rate search finds the highest offered rate with
-<= ``--loss`` (default 0.1 %) loss: a max-rate probe, then bisection. A rate
-the generator could not reach (it achieved < 97 % of the target) counts as
-the generator's ceiling, and the result says so (``gen_limited``).
+For each forwarder a short rate search (:func:`search_rate`, shared with
+``hotplane bench nat``'s lab part) finds the highest offered rate with
+<= ``--loss`` (default 0.1 %) loss: a max-rate probe, then bisection. When
+even the max-rate probe stays within the bound, the figure is the
+generator's ceiling and the result says so (``gen_limited``).
+
+:class:`Lab` also runs the NAT pipeline (``gateway_mode(config=...)``) and the
+kernel's own nft masquerade (``kernel_snat_mode``), for ``bench nat``.
 
 Needs root; brings the lab up if it is not and down again afterwards (unless
 ``--keep-lab``); leaves an existing lab in dataplane mode.
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from hotplane.bench.report import emit
 
@@ -86,7 +91,55 @@ def _stop(p: subprocess.Popen | None, timeout: float = 10) -> None:
         p.wait(timeout=timeout)
 
 
+def search_rate(trial: Callable[[float], dict], mode: str, rows: list[dict], *, loss: float, steps: int,
+                progress: Callable[[dict], None] | None = None) -> dict:
+    """Highest offered rate with loss <= ``loss`` (a fraction) through one forwarder.
+
+    ``trial(rate)`` runs the generator at ``rate`` pps (0: as fast as it can) and returns a row
+    with ``offered_pps`` and ``loss_pct``. A max-rate probe first: within the bound, the figure is
+    the generator's ceiling (``gen_limited``). Otherwise up to ``steps`` bisection trials between 0
+    and the probe's offered rate (the first at 60 % of it), stopping once the bracket is within 3 %.
+    A trial within the bound whose generator fell short of its target (< 97 %) ends the search
+    too: the generator, not the forwarder, set that figure (``gen_limited``).
+    Every trial is appended to ``rows`` (tagged ``mode`` and ``step``) and passed to ``progress``.
+    Returns ``{"pps", "gen_limited", "trial"}`` (pps 0 when no trial met the bound).
+    """
+    def run(rate: float, step: str) -> dict:
+        t = trial(rate)
+        t.update(mode=mode, step=step)
+        rows.append(t)
+        if progress is not None:
+            progress(t)
+        return t
+
+    probe = run(0, "max")
+    ceiling = probe["offered_pps"]
+    if probe["loss_pct"] <= loss * 100:
+        return {"pps": ceiling, "gen_limited": True, "trial": probe}
+    ok_best: dict | None = None
+    lo, hi = 0.0, float(ceiling)
+    for i in range(steps):
+        mid = (lo + hi) / 2 if lo else hi * 0.6
+        t = run(mid, f"search{i + 1}")
+        if t["loss_pct"] <= loss * 100:
+            if t["offered_pps"] < 0.97 * mid:
+                best = t if ok_best is None or t["offered_pps"] > ok_best["offered_pps"] else ok_best
+                return {"pps": best["offered_pps"], "gen_limited": True, "trial": best}
+            lo = max(lo, float(t["offered_pps"]))
+            if ok_best is None or t["offered_pps"] > ok_best["offered_pps"]:
+                ok_best = t
+        else:
+            hi = mid
+        if hi - lo < 0.03 * hi:
+            break
+    if ok_best is None:
+        return {"pps": 0, "gen_limited": False, "trial": None}
+    return {"pps": ok_best["offered_pps"], "gen_limited": False, "trial": ok_best}
+
+
 class Lab:
+    """The lab, a generator and a sink, and the forwarders a benchmark compares (see the module docstring)."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         from hotplane.deploy import lab
 
@@ -138,14 +191,23 @@ class Lab:
     def kernel_mode(self) -> None:
         self.lab.kernel_forwarding(True)
 
-    def gateway_mode(self) -> None:
+    def kernel_snat_mode(self) -> None:
+        """The hp-gw kernel forwards and masquerades toward the outside (nft, ``deploy/lab.py``)."""
+        self.lab.kernel_snat(True)
+        if not self.lab.status()["kernel_snat"]:
+            raise BenchError("the nft masquerade rule did not take effect in hp-gw")
+
+    def gateway_mode(self, config: Path | None = None, socket_mem: int = 64) -> None:
+        """hotplane in hp-gw, one worker pinned to ``--gw-cpu``: the forward pipeline, or with ``config``
+        (a one-worker gateway TOML) the NAT pipeline."""
         self.lab.kernel_forwarding(False)
         a = self.args
-        eal = ["--file-prefix", self.prefix, "--no-huge", "--socket-mem", "64", "--lcores", str(a.gw_cpu)]
-        prim = subprocess.Popen([*_ns(self.lab.NS_GW), *CLI, "primary", *eal, "--", "--workers", "1",
+        eal = ["--file-prefix", self.prefix, "--no-huge", "--socket-mem", str(socket_mem), "--lcores", str(a.gw_cpu)]
+        what = ["--config", str(config)] if config is not None else \
+            ["--workers", "1", "--mac", f"inside_peer={self.in_host_mac}", "--mac", f"outside_peer={self.out_host_mac}"]
+        prim = subprocess.Popen([*_ns(self.lab.NS_GW), *CLI, "primary", *eal, "--", *what,
                                  "--inside", f"af_packet:{self.lab.GW_IN},queues=1,slots={a.gw_slots}",
-                                 "--outside", f"af_packet:{self.lab.GW_OUT},queues=1,slots={a.gw_slots}",
-                                 "--mac", f"inside_peer={self.in_host_mac}", "--mac", f"outside_peer={self.out_host_mac}", "--json"],
+                                 "--outside", f"af_packet:{self.lab.GW_OUT},queues=1,slots={a.gw_slots}", "--json"],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.gw.append(prim)
         if not _wait_line(prim.stdout, lambda s: s.startswith("{"), 60):
@@ -208,38 +270,12 @@ class Lab:
         }
 
     def search(self, mode: str, rows: list[dict]) -> dict:
-        """Highest offered rate with loss <= the bound: a max-rate probe, then bisection."""
-        a = self.args
-        ok_best: dict | None = None
-        probe = self.trial(0)
-        probe.update(mode=mode, step="max")
-        rows.append(probe)
-        self._progress(probe)
-        ceiling = probe["offered_pps"]
-        if probe["loss_pct"] <= a.loss * 100:
-            return {"pps": ceiling, "gen_limited": True, "trial": probe}
-        lo, hi = 0.0, float(ceiling)
-        for i in range(a.steps):
-            mid = (lo + hi) / 2 if lo else hi * 0.6
-            t = self.trial(mid)
-            t.update(mode=mode, step=f"search{i + 1}")
-            rows.append(t)
-            self._progress(t)
-            if t["loss_pct"] <= a.loss * 100:
-                lo = max(lo, float(t["offered_pps"]))
-                if ok_best is None or t["offered_pps"] > ok_best["offered_pps"]:
-                    ok_best = t
-            else:
-                hi = mid
-            if hi - lo < 0.03 * hi:
-                break
-        if ok_best is None:
-            return {"pps": 0, "gen_limited": False, "trial": None}
-        return {"pps": ok_best["offered_pps"], "gen_limited": False, "trial": ok_best}
+        """Highest offered rate with loss <= the bound through the forwarder now in place (:func:`search_rate`)."""
+        return search_rate(self.trial, mode, rows, loss=self.args.loss, steps=self.args.steps, progress=self._progress)
 
     def _progress(self, t: dict) -> None:
         if not self.args.json or self.args.verbose:
-            print(f"  {t['mode']:8s} {t['step']:9s} target {t['target_pps']:>9,} offered {t['offered_pps']:>9,} pps  "
+            print(f"  {t['mode']:12s} {t['step']:9s} target {t['target_pps']:>9,} offered {t['offered_pps']:>9,} pps  "
                   f"loss {t['loss_pct']:.3f} %", file=sys.stderr, flush=True)
 
 

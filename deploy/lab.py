@@ -272,7 +272,10 @@ def _how_to(mode: str | None) -> list[str]:
         f"ping:   ip netns exec {NS_INSIDE} ping -c 3 {OUTSIDE_HOSTS[0]}   (the gateway itself: ping -c 3 {GW_INSIDE})",
         f"iperf3: ip netns exec {NS_OUTSIDE} iperf3 -s -1 -B {OUTSIDE_HOSTS[0]} & ip netns exec {NS_INSIDE} iperf3 -c {OUTSIDE_HOSTS[0]} -t 5",
         f"STUN-style: the outside host answers on both {OUTSIDE_HOSTS[0]} and {OUTSIDE_HOSTS[1]}",
-        f"hotplane gen: run it in {NS_INSIDE} (or {NS_OUTSIDE}) toward {OUTSIDE_HOSTS[0]} (or the pool {PUBLIC_POOL}); see `hotplane gen --help`",
+        # Sink first (it counts from its READY on), then the generator; exact loss through the report file.
+        f"hotplane gen: ip netns exec {NS_OUTSIDE} hotplane sink -- --port af_packet:{HOST_IF} --idle-exit 2 --duration 60 --expect /tmp/hp-gen.json"
+        f" & ip netns exec {NS_INSIDE} hotplane gen -- --port af_packet:{HOST_IF} --src {INSIDE_HOST} --dst {OUTSIDE_HOSTS[0]}"
+        f" --flows 16 --rate 10000 --duration 5 --report /tmp/hp-gen.json",
         f"capture:  ip netns exec {NS_INSIDE} tcpdump -ni {HOST_IF}",
     ]
 

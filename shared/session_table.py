@@ -10,10 +10,27 @@ Hashing and probing
 Open addressing with *two-choice* bounded linear probing. Each 128-bit key
 (``key0``, ``key1``) is mixed with the table seed (multiply/xorshift, all
 uint64 numpy ops) into two home slots ``h0`` and ``h1``; a key lives in one of
-the windows ``h0 .. h0+max_probe-1`` or ``h1 .. h1+max_probe-1`` (mod
-capacity). An insert takes the first free slot (EMPTY or TOMBSTONE) of the
-window where that slot comes earlier (ties go to ``h0``). With one home slot,
-linear probing bounded by 32 refuses ~0.5% of inserts at load 0.75; with two,
+the windows ``h0 .. h0+max_probe-1`` or ``h1 .. h1+max_probe-1``.
+
+Two geometries, told apart by the capacity (:func:`geometry`):
+
+* a power-of-two capacity (every table this code made before, and still the
+  default): homes are the low bits of each 32-bit half of the hash
+  (``h & (capacity - 1)``) and windows wrap around the end (header ``mask`` =
+  capacity - 1);
+* any other capacity (sizing a table to what a configuration needs instead of
+  the next power of two, which can double the memory): homes are a
+  multiply-shift range reduction of each 32-bit half, ``(h32 * nhome) >> 32``
+  with ``nhome = capacity - max_probe + 1``, so that no window runs past the
+  last entry and none wraps (header ``mask`` = all ones, which makes the
+  slot arithmetic's ``& mask`` the identity).
+
+Slot-for-slot copies between tables of equal capacity, seed and max_probe
+(the v1 <-> v2 migrations) keep every key at a valid place in both.
+
+An insert takes the first free slot (EMPTY or TOMBSTONE) of the window where
+that slot comes earlier (ties go to ``h0``). With one home slot, linear
+probing bounded by 32 refuses ~0.5% of inserts at load 0.75; with two,
 the longest displacement at load 0.75 stays in the twenties, so load 0.75
 works with ``max_probe`` 32 (at 0.85 a few inserts in 10^4 are refused). Entries never move once written, which is
 what lets readers in other processes probe without locks.
@@ -104,6 +121,7 @@ _C2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _C3 = np.uint64(0x165667B19E3779F9)
 _S29 = np.uint64(29)
 _S32 = np.uint64(32)
+_M32 = np.uint64(0xFFFFFFFF)
 
 
 class WriterBusyError(RuntimeError):
@@ -170,6 +188,46 @@ def _mix(k0: np.ndarray, k1: np.ndarray, seed: np.uint64, x: np.ndarray, y: np.n
     np.bitwise_xor(x, y, out=x)
 
 
+#: Header ``mask`` of a table whose capacity is not a power of two (windows do not wrap).
+RANGE_MASK = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def check_capacity(capacity: int, max_probe: int) -> None:
+    """Raise ValueError unless ``capacity`` entries with windows of ``max_probe`` make a table."""
+    if not 8 <= capacity <= 1 << 32:
+        raise ValueError(f"capacity must be between 8 and 2**32, got {capacity}")
+    if not 1 <= max_probe <= min(MAX_MAX_PROBE, capacity):
+        raise ValueError(f"max_probe must be between 1 and {min(MAX_MAX_PROBE, capacity)}, got {max_probe}")
+    if capacity & (capacity - 1) and capacity < 2 * max_probe:
+        raise ValueError(f"a capacity that is not a power of two must be at least 2 x max_probe ({2 * max_probe}), got {capacity}")
+
+
+def header_mask(capacity: int) -> int:
+    """The header ``mask`` of a table of ``capacity`` entries (see :func:`geometry`)."""
+    return capacity - 1 if capacity & (capacity - 1) == 0 else RANGE_MASK
+
+
+def geometry(capacity: int, mask: int, max_probe: int, what: str = "session table") -> tuple[bool, int]:
+    """``(wraps, nhome)`` of a table header: windows wrap (power-of-two capacity, homes masked) or not
+    (homes range-reduced over ``nhome`` slots). SchemaError for a header that is neither."""
+    if not 1 <= max_probe <= min(MAX_MAX_PROBE, capacity):
+        raise registry.SchemaError(f"{what}: corrupt header: max_probe {max_probe}")
+    if capacity >= 8 and capacity & (capacity - 1) == 0 and mask == capacity - 1:
+        return True, capacity
+    if 2 * max_probe <= capacity <= 1 << 32 and capacity & (capacity - 1) and mask == RANGE_MASK:
+        return False, capacity - max_probe + 1
+    raise registry.SchemaError(f"{what}: corrupt header: capacity {capacity}, mask {mask:#x} (a power-of-two capacity "
+                               f"needs mask capacity - 1, any other capacity mask {RANGE_MASK:#x})")
+
+
+def back_slots(slots: np.ndarray, back: np.ndarray, capacity: int) -> np.ndarray:
+    """Slots ``slots[i] - back[j]`` as a probe walk backwards sees them (wrapping only where windows wrap)."""
+    s = (np.asarray(slots, np.int64)[:, None] - np.asarray(back, np.int64)).reshape(-1)
+    if capacity & (capacity - 1) == 0:
+        return s & (capacity - 1)
+    return s[s >= 0]
+
+
 class SessionTable:
     """A session table living in a shared buffer. Build with :meth:`create` or :meth:`attach`.
 
@@ -193,22 +251,21 @@ class SessionTable:
     def create(cls, buf: np.ndarray, capacity: int, seed: int = 0, *, max_probe: int = DEFAULT_MAX_PROBE) -> "SessionTable":
         """Initialise an empty table in ``buf`` and return it with the writer role (this process).
 
-        ``capacity`` must be a power of two (8 .. 2**32); ``max_probe`` is the
-        probe window per home slot (1 .. 256, at most ``capacity``).
+        ``capacity``: 8 .. 2**32 entries; a power of two gives the wrapping
+        geometry, any other count (at least ``2 * max_probe``) the range-reduced
+        one (module docstring). ``max_probe`` is the probe window per home slot
+        (1 .. 256, at most ``capacity``).
         """
         capacity = int(capacity)
-        if capacity < 8 or capacity > 1 << 32 or capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two between 8 and 2**32, got {capacity}")
         max_probe = int(max_probe)
-        if not 1 <= max_probe <= min(MAX_MAX_PROBE, capacity):
-            raise ValueError(f"max_probe must be between 1 and {min(MAX_MAX_PROBE, capacity)}, got {max_probe}")
+        check_capacity(capacity, max_probe)
         need = cls.zone_size(capacity)
         _check_buf(buf, need)
         buf[:need] = 0  # EMPTY is 0: a zeroed zone is an empty table
         hdr = buf[: HEADER.itemsize].view(HEADER)
         h = hdr[0]
         h["capacity"] = capacity
-        h["mask"] = capacity - 1
+        h["mask"] = header_mask(capacity)
         h["seed"] = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
         h["max_probe"] = max_probe
         h["writer_pid"] = os.getpid()
@@ -244,10 +301,7 @@ class SessionTable:
         registry.verify(hdr, LAYOUT, what="session table")
         cap = int(hdr["capacity"][0])
         mp = int(hdr["max_probe"][0])
-        if cap < 8 or cap & (cap - 1) or int(hdr["mask"][0]) != cap - 1:
-            raise registry.SchemaError(f"session table: corrupt header: capacity {cap}, mask {int(hdr['mask'][0]):#x}")
-        if not 1 <= mp <= min(MAX_MAX_PROBE, cap):
-            raise registry.SchemaError(f"session table: corrupt header: max_probe {mp}")
+        self._set_geometry(cap, int(hdr["mask"][0]), mp)
         _check_buf(buf, self.zone_size(cap))
 
         self._buf = buf
@@ -260,8 +314,6 @@ class SessionTable:
         # Test hook called between write stages (None in production: one `is None` test per stage).
         self._pause_hook: Callable[[str], None] | None = None
 
-        self._mask_i = np.int64(cap - 1)
-        self._mask_u = np.uint64(cap - 1)
         self._seed_u = np.uint64(self.seed)
 
         # Header fields as 1-element views (plain loads/stores).
@@ -315,6 +367,14 @@ class SessionTable:
         self._fstate = np.empty(B, np.uint8)
         self._oldseq = np.empty(B, np.uint32)
         self._s16 = np.empty(B, np.int64)
+
+    def _set_geometry(self, cap: int, mask: int, max_probe: int, what: str = "session table") -> None:
+        """Validate the header's geometry and set the hashing and slot-arithmetic constants from it."""
+        self.wraps, self.nhome = geometry(cap, mask, max_probe, what)
+        # Slot arithmetic is ``& _mask_i``: capacity - 1 where windows wrap, all ones (identity) where not.
+        self._mask_i = np.int64(cap - 1) if self.wraps else np.int64(-1)
+        self._mask_u = np.uint64(cap - 1)
+        self._nhome_u = np.uint64(self.nhome)
 
     # ------------------------------------------------------------------ properties
 
@@ -373,10 +433,23 @@ class SessionTable:
         y = self._y[:n]
         _mix(k0, k1, self._seed_u, x, y)
         home = self._home[:n]
-        np.bitwise_and(x, self._mask_u, out=home[:, 0], casting="unsafe")
-        np.right_shift(x, _S32, out=y)
-        np.bitwise_and(y, self._mask_u, out=home[:, 1], casting="unsafe")
+        self._homes_of(x, y, home)
         return home
+
+    def _homes_of(self, x: np.ndarray, y: np.ndarray, home: np.ndarray) -> None:
+        """home[:, 0], home[:, 1] := the home slots of hashes ``x`` (one per 32-bit half); ``y`` scratch."""
+        if self.wraps:
+            np.bitwise_and(x, self._mask_u, out=home[:, 0], casting="unsafe")
+            np.right_shift(x, _S32, out=y)
+            np.bitwise_and(y, self._mask_u, out=home[:, 1], casting="unsafe")
+            return
+        # Multiply-shift range reduction: (h32 * nhome) >> 32 lies in [0, nhome) and fits in 64 bits.
+        np.bitwise_and(x, _M32, out=y)
+        np.multiply(y, self._nhome_u, out=y)
+        np.right_shift(y, _S32, out=home[:, 0], casting="unsafe")
+        np.right_shift(x, _S32, out=y)
+        np.multiply(y, self._nhome_u, out=y)
+        np.right_shift(y, _S32, out=home[:, 1], casting="unsafe")
 
     def homes(self, k0, k1) -> np.ndarray:
         """Home slots (n, 2) of each key (allocating; for tests, audits and tools)."""
@@ -385,8 +458,7 @@ class SessionTable:
         y = np.empty_like(k0)
         _mix(k0, k1, self._seed_u, x, y)
         out = np.empty((k0.shape[0], 2), np.int64)
-        out[:, 0] = x & self._mask_u
-        out[:, 1] = (x >> _S32) & self._mask_u
+        self._homes_of(x, y, out)
         return out
 
     # ------------------------------------------------------------------ lookup
@@ -943,15 +1015,23 @@ class SessionTable:
         """
         trimmed = 0
         s = cand
+        last = self.capacity - 1
         for _ in range(limit):
             nxt = (s + 1) & self._mask_i
-            c = s[(self._state[s] == TOMBSTONE) & (self._state[nxt] == EMPTY)]
+            if self.wraps:
+                after_empty = self._state[nxt] == EMPTY
+            else:
+                # No window runs past the last entry: beyond it counts as EMPTY.
+                after_empty = (nxt > last) | (self._state[np.minimum(nxt, last)] == EMPTY)
+            c = s[(self._state[s] == TOMBSTONE) & after_empty]
             if c.size == 0:
                 break
             c = np.unique(c)
             self._state[c] = EMPTY
             trimmed += int(c.size)
             s = (c - 1) & self._mask_i
+            if not self.wraps:
+                s = s[s >= 0]
         if trimmed:
             self._add_header("tombstones", -trimmed)
         return trimmed
@@ -1059,11 +1139,12 @@ class SessionTable:
         if nuniq != used.size:
             problems.append(f"{used.size - nuniq} duplicate keys")
         homes = self.homes(k0, k1)
-        d = (used[:, None] - homes) & self._mask_i  # displacement in each window
+        d = (used[:, None] - homes) & self._mask_i  # displacement in each window (negative: not in it)
         # EMPTY slots in [home, home + d) via prefix sums over the doubled ring.
         emp = np.concatenate([[0], np.cumsum(np.concatenate([st == EMPTY, st == EMPTY]))])
-        gaps = emp[homes + d] - emp[homes]
-        ok = ((d < mp) & (gaps == 0)).any(axis=1)
+        dd = np.maximum(d, 0)
+        gaps = emp[homes + dd] - emp[homes]
+        ok = ((d >= 0) & (d < mp) & (gaps == 0)).any(axis=1)
         if not ok.all():
             problems.append(f"{int(np.count_nonzero(~ok))} entries not reachable from either home window")
         return problems

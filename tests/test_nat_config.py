@@ -291,5 +291,5 @@ def test_max_sessions_sizes_the_session_zones() -> None:
     assert table_capacity_for(parse_config(cfg(""))) == DEFAULT_TABLE_CAPACITY
     c = parse_config(cfg("", nat='pool = ["198.18.1.0/28"]\nworkers = 2\nmax_sessions = 10_000_000'))
     assert c.nat.max_sessions == 10_000_000
-    cap = table_capacity_for(c)  # per worker: 5M sessions at MAX_LOAD, a power of two
-    assert cap == 1 << 23 and cap * MAX_LOAD >= 5_000_000 and cap // 2 * MAX_LOAD < 5_000_000
+    cap = table_capacity_for(c)  # per worker: 5M sessions (plus the refusal margin) at MAX_LOAD, exactly
+    assert cap * MAX_LOAD >= 5_000_000 + 512 and cap * MAX_LOAD < 5_000_000 * 1.001

@@ -51,6 +51,12 @@ def new_table(capacity: int = 1024, seed: int = 1234, max_probe: int = 16) -> tu
     return SessionTable.create(buf, capacity, seed, max_probe=max_probe), buf
 
 
+def window(t: SessionTable, homes: np.ndarray, width: int) -> np.ndarray:
+    """The slots of the windows starting at ``homes`` (wrapping only where the table's windows wrap)."""
+    w = np.asarray(homes, np.int64)[..., None] + np.arange(width)
+    return w % t.capacity if t.wraps else w
+
+
 def keys(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False), rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
@@ -109,8 +115,17 @@ def test_create_attach_and_refusals():
     bad[:HEADER.itemsize].view(HEADER)["layout_hash"] ^= 1
     with pytest.raises(registry.SchemaError, match="layout hash mismatch"):
         SessionTable(bad)
-    with pytest.raises(ValueError, match="power of two"):
-        SessionTable.create(new_buf(SessionTable.zone_size(100)), 100)
+    with pytest.raises(ValueError, match="at least 2 x max_probe"):
+        SessionTable.create(new_buf(SessionTable.zone_size(60)), 60)  # not a power of two, < 2 x 32
+    with pytest.raises(ValueError, match="between 8 and 2"):
+        SessionTable.create(new_buf(SessionTable.zone_size(4)), 4)
+    # A header whose mask does not fit its capacity is refused, never guessed at.
+    for cap, mask in ((256, 0xFFFF_FFFF_FFFF_FFFF), (100, 99)):
+        b2 = new_buf(SessionTable.zone_size(cap))
+        SessionTable.create(b2, cap, max_probe=8)
+        b2[:HEADER.itemsize].view(HEADER)["mask"] = mask
+        with pytest.raises(registry.SchemaError, match="corrupt header"):
+            SessionTable.attach(b2)
     with pytest.raises(ValueError, match="too small"):
         SessionTable.create(new_buf(4096), 1024)
     with pytest.raises(ValueError, match="aligned"):
@@ -165,8 +180,10 @@ def test_reader_cannot_write_and_single_writer():
 # ---------------------------------------------------------------------- basic semantics
 
 
-def test_insert_lookup_update_delete():
-    t, buf = new_table(4096, max_probe=16)
+@pytest.mark.parametrize("cap", [4096, 4000])  # wrapping and range-reduced geometry
+def test_insert_lookup_update_delete(cap):
+    t, buf = new_table(cap, max_probe=16)
+    assert t.wraps == (cap == 4096)
     k0, k1 = keys(2000)
     new = np.zeros(2000, np.bool_)
     slots = t.insert_batch(k0, k1, vals(2000), out_new=new)  # > BURST_MAX: chunked
@@ -223,9 +240,10 @@ def test_duplicates_in_a_burst_last_wins():
     assert table_dict(t) == {(5, 1): 4, (6, 1): 1, (7, 1): 3}
 
 
-def test_zero_keys_and_key0_collisions():
+@pytest.mark.parametrize("cap", [128, 100])
+def test_zero_keys_and_key0_collisions(cap):
     # key0 == 0 matches every EMPTY slot's key0 word; shared key0 with different key1.
-    t, buf = new_table(128, max_probe=8)
+    t, buf = new_table(cap, max_probe=8)
     k0 = np.array([0, 0, 0, 9, 9], np.uint64)
     k1 = np.array([0, 1, 2, 0, 1], np.uint64)
     s = t.insert_batch(k0, k1, vals(5))
@@ -239,8 +257,9 @@ def test_zero_keys_and_key0_collisions():
     assert t.audit() == []
 
 
-def test_full_windows_return_minus_one():
-    t, buf = new_table(64, max_probe=2)
+@pytest.mark.parametrize("cap", [64, 60])
+def test_full_windows_return_minus_one(cap):
+    t, buf = new_table(cap, max_probe=2)
     k0, k1 = keys(200, seed=3)
     s = t.insert_batch(k0, k1, vals(200))
     full = np.flatnonzero(s < 0)
@@ -248,15 +267,15 @@ def test_full_windows_return_minus_one():
     assert t.count == np.unique(s[s >= 0]).size == np.count_nonzero(t.entries["state"] == USED)
     # A refused key really had both windows full.
     homes = t.homes(k0[full], k1[full])
-    win = (homes[:, :, None] + np.arange(2)) & 63
+    win = window(t, homes, 2)
     assert (t.entries["state"][win] == USED).all()
     assert not t.lookup_batch(k0[full], k1[full]).any()
     assert t.audit() == []
 
 
-def test_load_075_fits_with_max_probe_32():
+@pytest.mark.parametrize("cap", [1 << 16, 60_000])
+def test_load_075_fits_with_max_probe_32(cap):
     """The NAT sizing: load 0.75 with bounded probing refuses nothing, also under churn."""
-    cap = 1 << 16
     t, buf = new_table(cap, max_probe=32)
     k0, k1 = keys(int(cap * 0.85), seed=21)
     n75 = int(cap * 0.75)
@@ -274,14 +293,17 @@ def test_load_075_fits_with_max_probe_32():
     assert t.audit() == []
 
 
-def test_deep_probes_agree_with_brute_force():
+@pytest.mark.parametrize("cap", [256, 250])
+def test_deep_probes_agree_with_brute_force(cap):
     # A crowded table with long windows: lookups take the multi-block path.
-    t, buf = new_table(256, max_probe=64)
+    t, buf = new_table(cap, max_probe=64)
     k0, k1 = keys(240, seed=11)
     s = t.insert_batch(k0, k1, vals(240))
     ok = s >= 0
     assert ok.sum() > 200
-    disp = ((s[ok, None] - t.homes(k0[ok], k1[ok])) & 255).min(axis=1)
+    d = s[ok, None] - t.homes(k0[ok], k1[ok])
+    d = d % cap if t.wraps else np.where(d >= 0, d, 1 << 20)
+    disp = d.min(axis=1)
     assert disp.max() >= 8  # some keys really are deep
     t.delete_batch(k0[::3], k1[::3])
     q0 = np.concatenate([k0, keys(100, seed=12)[0]])
@@ -297,8 +319,9 @@ def test_deep_probes_agree_with_brute_force():
     assert t.audit() == []
 
 
-def test_tombstones_trimmed_at_chain_end():
-    t, buf = new_table(1024, max_probe=16)
+@pytest.mark.parametrize("cap", [1024, 1000])
+def test_tombstones_trimmed_at_chain_end(cap):
+    t, buf = new_table(cap, max_probe=16)
     k0, k1 = keys(300)
     t.insert_batch(k0, k1, vals(300))
     t.delete_batch(k0, k1)
@@ -358,17 +381,19 @@ def test_seqlock_reader_rejects_entry_being_written():
     assert rec is not None and rec["xaddr"] == 777 and rec["xport"] == 777 and rec["seq"] % 2 == 0
 
 
-def test_audit_detects_broken_chain():
-    t, buf = new_table(64, max_probe=8)
+@pytest.mark.parametrize("cap", [64, 60])
+def test_audit_detects_broken_chain(cap):
+    t, buf = new_table(cap, max_probe=8)
     k0, k1 = keys(40, seed=5)
     s = t.insert_batch(k0, k1, vals(40))
     homes = t.homes(k0, k1)
-    disp = (s[:, None] - homes) & 63
+    disp = s[:, None] - homes
+    disp = disp % cap if t.wraps else np.where(disp >= 0, disp, 1 << 20)
     deep = np.flatnonzero((disp >= 1).all(axis=1) & (s >= 0))
     assert deep.size
     i = deep[0]
     lane = int(np.argmin(disp[i]))
-    prev = (int(homes[i, lane]) + int(disp[i, lane]) - 1) & 63
+    prev = (int(homes[i, lane]) + int(disp[i, lane]) - 1) % cap
     t.entries["state"][prev] = EMPTY  # breaks the chain in front of entry i (from both homes)
     probs = t.audit()
     assert any("not reachable" in p for p in probs) and any("header count" in p for p in probs)
@@ -379,8 +404,9 @@ def test_audit_detects_broken_chain():
 
 @pytest.mark.parametrize("stage", ALL_STAGES)
 @pytest.mark.parametrize("op", ["insert", "update", "delete", "touch"])
-def test_crash_at_each_stage_then_recover(stage, op):
-    t, buf = new_table(512, max_probe=8)
+@pytest.mark.parametrize("cap", [512, 200])
+def test_crash_at_each_stage_then_recover(stage, op, cap):
+    t, buf = new_table(cap, max_probe=8)
     k0, k1 = keys(100)
     s = t.insert_batch(k0, k1, vals(100))
     before = table_dict(t)
@@ -470,9 +496,11 @@ key_ids = st.integers(0, len(POOL) - 1)
 class TableModel(RuleBasedStateMachine):
     """The table against a dict, including crashes at any write stage."""
 
+    CAP = _CAP
+
     def __init__(self) -> None:
         super().__init__()
-        self.t, self.buf = new_table(_CAP, seed=_POOL_SEED, max_probe=_PROBE)
+        self.t, self.buf = new_table(self.CAP, seed=_POOL_SEED, max_probe=_PROBE)
         self.model: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (xaddr, packets)
         self.next_val = 1
 
@@ -507,7 +535,7 @@ class TableModel(RuleBasedStateMachine):
         for key in refused:
             assert key not in self.model
             h = self.t.homes([key[0]], [key[1]])[0]
-            win = (h[:, None] + np.arange(_PROBE)) % _CAP
+            win = window(self.t, h, _PROBE)
             assert (self.t.entries["state"][win] == USED).all()
 
     @rule(ids=st.lists(key_ids, min_size=1, max_size=20))
@@ -579,7 +607,7 @@ class TableModel(RuleBasedStateMachine):
             # Only refusals (both windows full) may leave a key of the burst out.
             for key in set(last) - set(got):
                 h = self.t.homes([key[0]], [key[1]])[0]
-                assert (self.t.entries["state"][(h[:, None] + np.arange(_PROBE)) % _CAP] == USED).all()
+                assert (self.t.entries["state"][window(self.t, h, _PROBE)] == USED).all()
         self.model = got
 
     @invariant()
@@ -592,6 +620,18 @@ class TableModel(RuleBasedStateMachine):
 
 TableModel.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 test_table_against_dict_model = pytest.mark.timeout(300)(TableModel.TestCase)
+
+
+class RangeTableModel(TableModel):
+    """The same model on a table whose capacity is not a power of two (range-reduced homes, no wrap):
+    the pool's crowded keys land in few homes there too (30 entries, 28 homes)."""
+
+    CAP = 30
+
+
+RangeTableModel.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None,
+                                             suppress_health_check=[HealthCheck.too_slow])
+test_range_table_against_dict_model = pytest.mark.timeout(300)(RangeTableModel.TestCase)
 
 
 # ---------------------------------------------------------------------- cross-process: SIGKILL mid-write
@@ -811,3 +851,79 @@ def test_sigkilled_writer_never_shows_torn_entries_and_recovers(procs):
     assert rstats[0] > 1000, "reader checked too little"
     assert mid_write_kills >= 4 and repaired_total > 0
     assert len(model) > 0
+
+
+# ---------------------------------------------------------------------- geometries
+
+
+def test_power_of_two_geometry_is_unchanged():
+    """Tables made before the range-reduced geometry existed keep their hashing: the low bits of each
+    32-bit half of the hash, windows wrapping (a migration or a restart must find every key in place)."""
+    from hotplane.shared.session_table import mix_hash
+
+    t, buf = new_table(1 << 12, seed=77)
+    assert t.wraps and int(buf[:HEADER.itemsize].view(HEADER)["mask"][0]) == (1 << 12) - 1
+    k0, k1 = keys(5000, seed=3)
+    x = mix_hash(k0, k1, 77)
+    want = np.stack([x & np.uint64(4095), (x >> np.uint64(32)) & np.uint64(4095)], axis=1).astype(np.int64)
+    assert (t.homes(k0, k1) == want).all()
+
+
+def test_range_geometry_homes_fill_the_table_and_no_window_wraps():
+    cap, mp_ = 1000, 16
+    t, buf = new_table(cap, max_probe=mp_)
+    hdr = buf[:HEADER.itemsize].view(HEADER)
+    assert not t.wraps and t.nhome == cap - mp_ + 1 and int(hdr["mask"][0]) == 2**64 - 1
+    h = t.homes(*keys(200_000, seed=4))
+    assert h.min() == 0 and h.max() == t.nhome - 1  # the last window ends on the last entry
+    c = np.bincount(h.ravel(), minlength=t.nhome)
+    assert c.min() > 0.7 * c.mean() and c.max() < 1.3 * c.mean()  # uniform over the homes
+    # Filled beyond what fits: every entry, the last included, is used; nothing lands outside.
+    k0, k1 = keys(20_000, seed=8)
+    s = t.insert_batch(k0, k1)
+    assert s.max() == cap - 1 and (t.entries["state"] == USED).all() and t.count == cap
+    assert t.audit() == []
+    # Emptied again: past the last entry counts as EMPTY, so trimming works back from the end (a
+    # full wrapping table has no EMPTY to start from); recovery's unbounded trim empties it all.
+    ok = s >= 0
+    t.delete_batch(k0[ok], k1[ok])
+    assert t.count == 0 and t.entries["state"][-1] == EMPTY and t.tombstones < cap
+    t.recover()
+    assert t.tombstones == 0 and (t.entries["state"] == EMPTY).all()
+
+
+def test_range_geometry_migrates_to_v2_online_and_back():
+    """A table sized without power-of-two rounding goes v1 -> v2 (online: copy-ahead while it is
+    written, deletes included, then the delta) and back v2 -> v1 (whole zone), every key in place."""
+    from hotplane.shared.session_migrate import OnlineMigration, SessionTableV2
+
+    cap = 3000
+    t, b1 = new_table(cap, seed=5, max_probe=32)
+    k0, k1 = keys(2000, seed=1)
+    t.insert_batch(k0, k1, vals(2000))
+    t.delete_batch(k0[:300], k1[:300])
+    b2 = new_buf(SessionTableV2.zone_size(cap))
+    mig = OnlineMigration(b1, b2, to_version=2, create=True)
+    mig.copy_ahead()
+    # Writes after the copy-ahead, tracked from the journal: deletes (tombstone trims walk backwards)
+    # and inserts.
+    for a in range(300, 900, 100):
+        t.delete_batch(k0[a:a + 100], k1[a:a + 100])
+        mig.track()
+    n0, n1 = keys(300, seed=9)
+    t.insert_batch(n0, n1, vals(300, base=10_000))
+    mig.track()
+    t.release()
+    mig.finish()
+    assert mig.differences() == []
+    t2 = mig.table()
+    assert isinstance(t2, SessionTableV2) and not t2.wraps and t2.capacity == cap and t2.audit() == []
+    _, rec, hits = t2.lookup_consistent(np.concatenate([k0[900:], n0]), np.concatenate([k1[900:], n1]))
+    assert hits.all()
+    assert not t2.lookup_batch(k0[:900], k1[:900]).any()
+    t2.release()
+    b3 = new_buf(SessionTable.zone_size(cap))
+    assert registry.migration(4, 2, 1)(b2, b3) == 1400
+    t3 = SessionTable.attach(b3, writer=True)
+    assert not t3.wraps and t3.audit() == []
+    assert t3.lookup_batch(np.concatenate([k0[900:], n0]), np.concatenate([k1[900:], n1])).all()
