@@ -445,7 +445,8 @@ def reconcile(q: Queue) -> dict[str, int]:
     Each burst publishes slot statuses first and the cursor second, so an owner
     SIGKILLed between the two leaves the cursor behind what the ring shows:
     RX slots it already handed back (status 0) while later slots hold new
-    frames, or TX slots it filled (SEND_REQUEST) beyond its cursor. A
+    frames (ring ports only: see below), or TX slots it filled (SEND_REQUEST)
+    beyond its cursor. A
     successor starting at the stale cursor would wait a whole lap for the
     producer (reordering) or overwrite the peer's view (loss). Returns how
     far each cursor moved.
@@ -459,18 +460,18 @@ def reconcile(q: Queue) -> dict[str, int]:
     cur = int(w[W_RX_CURSOR])
     status = r.status
     if r._peer is not None:
-        # Ring port: the producer's cursor bounds what should be waiting.
-        limit = int(r._peer[PEER_CURSOR]) - cur
-    else:
-        # Kernel ring: it fills slots in order, so a ready slot after a run of
-        # empty ones means those were consumed and handed back already.
-        limit = RECONCILE_WINDOW
-    k = 0
-    while k < min(limit, ns) and status[(cur + k) % ns] == 0:
-        k += 1
-    if 0 < k < min(limit, ns) and (r._peer is not None or status[(cur + k) % ns] & 1):
-        w[W_RX_CURSOR] = cur + k
-        moved["rx"] = k
+        # Ring port: the producer's cursor says exactly what should be waiting, so empty
+        # slots at the cursor below it were handed back by a release the owner did not finish.
+        # (A worker's releases are journaled and finished by burst_journal.recover first; this
+        # covers any other consumer.) A kernel ring gives no such bound -- an empty slot at the
+        # cursor is where the kernel writes next -- so it is left alone.
+        limit = min(int(r._peer[PEER_CURSOR]) - cur, ns)
+        k = 0
+        while k < limit and status[(cur + k) % ns] == 0:
+            k += 1
+        if 0 < k < limit:
+            w[W_RX_CURSOR] = cur + k
+            moved["rx"] = k
     t = q.tx
     if t._peer is not None:
         tcur = int(w[W_TX_CURSOR])
