@@ -2,6 +2,12 @@
 
 ``hotplane primary [EAL] -- [--inside SPEC] [--outside SPEC] [--workers N] [--json]``
 
+SPEC is ``ring:NAME``, ``af_packet:IFACE`` or ``pcap:FILE``: a pcap port in
+``mode=replay`` (the default) feeds FILE's frames to the workers (at the
+recorded rate or ``rate=max``, never dropping) and discards what they send on
+it; in ``mode=capture`` it writes what the workers send into FILE (readable
+by tcpdump while it grows). A primary thread plays that port's "NIC".
+
 It reserves every zone the instance needs (re-attaching them after a restart,
 contents intact), opens af_packet sockets, serves the IPC channel that
 secondaries ask for their configuration and queue file descriptors, and
@@ -52,6 +58,9 @@ def app_parser() -> argparse.ArgumentParser:
                     help="override a MAC the forward pipeline uses: inside_gw, outside_gw, inside_peer, outside_peer")
     ap.add_argument("--bare", action="store_true", help="hold the memory and directory only: no ports, no tables")
     ap.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    ap.add_argument("--candidate", action="store_true", help="hot-upgrade candidate: validate, take the af_packet sockets of the "
+                    "running primary, become the primary once it lets go (primary/handover.py)")
+    ap.add_argument("--dry-run", action="store_true", help="with --candidate: validate the zones, report, exit")
     return ap
 
 
@@ -96,11 +105,14 @@ class Primary:
                 raise ValueError(f"--mac {kv!r}: use KEY=xx:xx:xx:xx:xx:xx with KEY one of {', '.join(DEFAULT_MACS)}")
             self.macs[k] = v.lower()
         for role, spec in (("inside", self.inside), ("outside", self.outside)):
-            if spec.type not in ("ring", "af_packet"):
-                raise ValueError(f"--{role} {spec}: the gateway's ports are ring: or af_packet: ports")
+            if spec.type not in ("ring", "af_packet", "pcap"):
+                raise ValueError(f"--{role} {spec}: the gateway's ports are ring:, af_packet: or pcap: ports")
             if spec.queues != app.workers:
                 raise ValueError(f"--{role} {spec} has {spec.queues} queues but --workers is {app.workers}: each worker polls one queue of each port")
+        if self.inside.type == self.outside.type == "pcap" and self.inside.name == self.outside.name:
+            raise ValueError(f"--inside and --outside are both pcap:{self.inside.name}: replay one file and capture into another")
         self.afp_queues: dict[str, list] = {}
+        self.pcap_ports: list = []  # PcapPort peers, run by a PcapPortRunner thread while serving
         self.nat_zones: dict | None = None
 
     @staticmethod
@@ -117,8 +129,9 @@ class Primary:
             extra.append(f"block={block}")
         return ",".join([spec, *extra])
 
-    def setup(self) -> None:
-        """Reserve (or re-attach) every zone; open af_packet sockets."""
+    def setup(self, afp_handed: dict[str, list] | None = None) -> None:
+        """Reserve (or re-attach) every zone; open af_packet sockets (``afp_handed``: the previous
+        primary's, handed over in a hot upgrade, used instead of opening new ones)."""
         from hotplane.shared import ports
 
         d = self.inst.directory
@@ -136,6 +149,14 @@ class Primary:
         for spec in (self.inside, self.outside):
             if spec.type == "ring":
                 ports.reserve_ring_port(d, spec)
+            elif spec.type == "pcap":
+                self.pcap_ports.append(ports.reserve_pcap_port(d, spec))
+            elif afp_handed and str(spec) in afp_handed:
+                ports.reserve_af_packet_state(d, spec)
+                self.afp_queues[str(spec)] = afp_handed[str(spec)]
+                role = "inside" if spec is self.inside else "outside"
+                if afp_handed[str(spec)][0].mac and not any(m.startswith(f"{role}_gw=") for m in self.app.mac):
+                    self.macs[f"{role}_gw"] = afp_handed[str(spec)][0].mac
             else:
                 from hotplane.shared.af_packet import open_af_packet_queues
 
@@ -190,7 +211,20 @@ async def _serve(primary: Primary, app: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await ipc.serve(ipc_path(primary.inst), primary.handle)
+    from hotplane.primary.handover import PrimaryService
+    from hotplane.shared.upgrade_agent import UpgradeAgent
+
+    service = PrimaryService(primary)
+    service.stop = stop
+    await service.open()
+    agent = UpgradeAgent(primary.inst.runtime_dir, service.handlers())  # a hot upgrade hands the role over through it
+    await agent.start_in_loop()
+    runner = None
+    if primary.pcap_ports:
+        from hotplane.shared.pcap_port import PcapPortRunner
+
+        runner = PcapPortRunner(primary.pcap_ports, log=lambda msg: print(f"primary: {msg}", file=sys.stderr, flush=True))
+        runner.start()
     info = describe(primary.inst)
     info["created"] = primary.inst.created
     info["ipc"] = ipc_path(primary.inst)
@@ -201,11 +235,18 @@ async def _serve(primary: Primary, app: argparse.Namespace) -> None:
         print(f"primary pid {os.getpid()} prefix {primary.inst.prefix} generation {primary.inst.generation}: {state} "
               f"{primary.inst.memory.size >> 20} MiB on {how} at {info['base']} ({len(info['zones'])} zones)", flush=True)
     await stop.wait()
-    await server.close()
+    if runner is not None:
+        runner.stop()  # the capture files get what the TX rings still hold, then close
+    await agent.close_in_loop()
+    await service.close()
 
 
 def main(argv: list[str]) -> int:
     opts = parse_or_exit(argv, prog="hotplane primary", role="primary")
+    if opts.vdevs:
+        print(f"hotplane primary: --vdev {opts.vdevs[0]} is not supported: name the gateway's ports with "
+              "-- --inside SPEC --outside SPEC (ring:NAME, af_packet:IFACE or pcap:FILE[,mode=capture])", file=sys.stderr)
+        return EXIT_USAGE
     try:
         app = app_parser().parse_args(opts.app_args)
     except SystemExit as e:
@@ -221,6 +262,14 @@ def main(argv: list[str]) -> int:
     except ValueError as e:  # ConfigError is a ValueError: its message lists every problem
         print(f"hotplane primary: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if app.candidate:
+        from hotplane.primary.handover import run_candidate
+
+        try:
+            return run_candidate(opts, app, primary)
+        except (InstanceError, OSError) as e:
+            print(f"hotplane primary: candidate: {e}", file=sys.stderr)
+            return EXIT_FAILURE
     try:
         inst = eal_init(opts)
     except InstanceError as e:
@@ -235,7 +284,7 @@ def main(argv: list[str]) -> int:
         from hotplane.shared.memzone import MemzoneError
         from hotplane.schema.registry import SchemaError
 
-        if not isinstance(e, (ValueError, AfPacketError, MemzoneError, SchemaError)):
+        if not isinstance(e, (ValueError, AfPacketError, MemzoneError, SchemaError)):  # PcapError is a ValueError
             raise
         print(f"hotplane primary: {e}", file=sys.stderr)
         inst.close()

@@ -111,18 +111,25 @@ def reserve_nat_zones(directory, config: GatewayConfig, workers: int, *, table_c
     return out
 
 
-def attach_nat_zones(directory, worker: int, config: GatewayConfig | None = None, clock: Clock | None = None
-                     ) -> dict[str, Any]:
+def attach_nat_zones(directory, worker: int, config: GatewayConfig | None = None, clock: Clock | None = None,
+                     *, in2out: SessionTable | None = None) -> dict[str, Any]:
     """A worker's view: its session tables (as writer, after recovery), allocator, FIB.
 
     Returns the ``zones`` dict :class:`hotplane.secondary.nat_pipeline.NatPipeline` takes,
     plus ``peers``: read-only (index, in2out) of the other workers, for hairpinning. The
     pipeline rebuilds the index if its last writer died inside a group of changes.
+    ``in2out``: the worker's session table object when the caller chose it (a hot upgrade
+    moves the sessions between layout versions: ``shared/session_migrate.py``); the
+    peers' tables are their live ones.
     """
+    from hotplane.shared.session_migrate import attach_live
+
     clock = clock or MonotonicClock()
     zones: dict[str, Any] = {}
-    z = directory.lookup_checked(f"nat.w{worker}.in2out", SESSION_LAYOUT)
-    zones["in2out"] = SessionTable.attach(z.view, writer=True)
+    if in2out is None:
+        z = directory.lookup_checked(f"nat.w{worker}.in2out", SESSION_LAYOUT)
+        in2out = SessionTable.attach(z.view, writer=True)
+    zones["in2out"] = in2out
     z = directory.lookup(f"nat.w{worker}.index")
     if z is None:
         raise RuntimeError(f"memzone nat.w{worker}.index is missing: these zones were made by a NAT version without "
@@ -151,7 +158,7 @@ def attach_nat_zones(directory, worker: int, config: GatewayConfig | None = None
         if tz is None or iz is None:
             break
         if w != worker:
-            peers[w] = (SessionIndex.attach(iz.view), SessionTable.attach(tz.view))
+            peers[w] = (SessionIndex.attach(iz.view), attach_live(directory, w))
         w += 1
     zones["peers"] = peers
     return zones

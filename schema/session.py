@@ -87,8 +87,8 @@ VALUE_DTYPE = np.dtype([(n, ELEMENT.fields[n][0]) for n in VALUE_FIELDS])
 
 HEADER = registry.header_dtype(
     [
-        ("capacity", "<u8"),  # number of entries, a power of two
-        ("mask", "<u8"),  # capacity - 1
+        ("capacity", "<u8"),  # number of entries
+        ("mask", "<u8"),  # capacity - 1 (a power of two), or all ones (any other capacity: homes range-reduced)
         ("count", "<u8"),  # USED entries
         ("tombstones", "<u8"),  # TOMBSTONE entries
         ("seed", "<u8"),  # hash seed

@@ -19,10 +19,13 @@ Every other row -- a miss, a frame with IP options or a VLAN tag, anything
 odd or invalid -- goes through the general path: the full parser
 (:func:`hotplane.shared.packet.parse_burst`, every bad-input check), the same
 lookups, and the slow path (plain Python per row): ARP, ICMP echo to the
-gateway, ICMP errors (RFC 5508: embedded header reverted, every checksum
-fixed; never refreshes a session), TTL expiry (ICMP time exceeded), fragments
-(virtual reassembly), hairpinning, static mappings, filtering, limits,
-allocation. New sessions of one burst are published together (one batch
+gateway, ICMP errors (RFC 5508: the received ICMP checksum checked, embedded
+header reverted, every checksum fixed; never refreshes a session), TTL expiry
+(ICMP time exceeded), fragments (virtual reassembly; every translated fragment
+counts in its session like any packet: packets, bytes, last seen, and the
+first fragment's TCP flags move the TCP state), hairpinning (the receiver's
+mapping filters the packet as one from outside), static mappings, filtering,
+limits, allocation. New sessions of one burst are published together (one batch
 insert into ``in2out``, one into the index: :meth:`_flush_new`). Within a
 burst, packets of one session that take different paths have their TCP state
 applied fast path first.
@@ -390,6 +393,18 @@ class _PMap:
         self.added: list[int] = []  # new sessions (positions in NatPipeline._new) using it
 
 
+class _FragFlow:
+    """What the fragments of one datagram share (the fragment tracker's ``ports``): the translation,
+    the route, and the session they are accounted to (``key0`` guards against a reused slot)."""
+
+    __slots__ = ("which", "addr", "port", "hop", "fdst", "slot", "key0", "refresh")
+
+    def __init__(self, which: str, addr: int, port: int, hop: int, fdst: int, slot: int, key0: int) -> None:
+        self.which, self.addr, self.port, self.hop, self.fdst = which, addr, port, hop, fdst
+        self.slot, self.key0 = slot, key0
+        self.refresh = True  # set from the first fragment's TCP flags when it is translated
+
+
 class NatPipeline:
     """NAT44 for one worker: both directions of the sessions whose outside ports are in its block.
 
@@ -485,8 +500,8 @@ class NatPipeline:
         self.punted = 0
         self.emit: list[tuple[int, bytes]] = []
         self.stats = {"sessions_created": 0, "sessions_expired": 0, "icmp_errors_translated": 0, "hairpinned": 0,
-                      "echo_replies": 0, "arp_replies": 0, "neigh_drops": 0, "frag_translated": 0, "fast": 0,
-                      "index_full": 0, "index_rebuilds": 0}
+                      "echo_replies": 0, "arp_replies": 0, "icmp_bad_checksum": 0, "neigh_drops": 0,
+                      "frag_translated": 0, "fast": 0, "index_full": 0, "index_rebuilds": 0}
         self._empty = np.zeros(0, np.intp)
         self._arange = np.arange(capacity, dtype=np.intp)
         # Fast-path scratch (bursts up to ``capacity``) and tables.
@@ -514,7 +529,10 @@ class NatPipeline:
         self._new: list[tuple] = []
         self._pmaps: dict[tuple[int, int, int], _PMap] = {}
         self._pmaps_rev: dict[tuple[int, int, int], _PMap] = {}
-        self._log: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._log: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]] = []  # (slots, bytes, refresh, inbound)
+        # A version-2 table (schema/session.py) also counts the reply direction's bytes per session.
+        self._bytes_in = "bytes_in" in (self.in2out.entries.dtype.names or ())
+        self._cur_dir = INSIDE  # the direction of the burst being processed (for the accounting log)
         self._log_n = 0
         self._log_now = 0
         if self.in2out.is_writer:
@@ -530,8 +548,10 @@ class NatPipeline:
         t = self.in2out
         self._e64 = t.entries.view(np.uint64)  # word w of slot s at 8 * s + w (key0: 1, key1: 2)
         self._e8 = t.entries.view(np.uint8)  # state of slot s at 64 * s + 4
-        self._tmask = np.int64(t.capacity - 1)
+        self._tmask = t._mask_i  # slot arithmetic: capacity - 1, or all ones where windows do not wrap
         self._tmask_u = np.uint64(t.capacity - 1)
+        self._twraps = t.wraps
+        self._tnhome_u = np.uint64(t.nhome)
         self._tseed = t.seed
         self._tseed_u = np.uint64(t.seed)
         self._off07 = np.arange(min(8, t.max_probe), dtype=np.int64)
@@ -548,6 +568,7 @@ class NatPipeline:
         n = k0.shape[0]
         if n > self._h_x.shape[0]:
             x = mix_hash(k0, k1, self._tseed)
+            y = np.empty_like(x)
             h = np.empty((n, 2), np.int64)
         else:
             x, y, h = self._h_x[:n], self._h_y[:n], self._h_h[:n]
@@ -561,9 +582,18 @@ class NatPipeline:
             np.multiply(x, _MIX3, out=x)
             np.right_shift(x, _S32, out=y)
             x ^= y
-        np.bitwise_and(x, self._tmask_u, out=h[:, 0], casting="unsafe")
+        if self._twraps:
+            np.bitwise_and(x, self._tmask_u, out=h[:, 0], casting="unsafe")
+            x >>= _S32
+            np.bitwise_and(x, self._tmask_u, out=h[:, 1], casting="unsafe")
+            return h
+        # The table's multiply-shift range reduction of each 32-bit half (no power-of-two capacity).
+        np.bitwise_and(x, _M32, out=y)
+        y *= self._tnhome_u
+        np.right_shift(y, _S32, out=h[:, 0], casting="unsafe")
         x >>= _S32
-        np.bitwise_and(x, self._tmask_u, out=h[:, 1], casting="unsafe")
+        x *= self._tnhome_u
+        np.right_shift(x, _S32, out=h[:, 1], casting="unsafe")
         return h
 
     def _t_lookup(self, k0: np.ndarray, k1: np.ndarray) -> np.ndarray:
@@ -628,19 +658,45 @@ class NatPipeline:
         self.in2out.release()
         self.index.writer = False
 
-    def resume(self) -> None:
+    def resume(self, *, rebuild_host_counts: bool = True) -> None:
         """Take the writer role (the new side of a hot upgrade, after the old one suspended):
-        table recovery, index check, expiry cursor and per-host counts from shared memory."""
+        table recovery, index check, expiry cursor and per-host counts from shared memory.
+
+        O(1) on a clean hand-over (the previous writer released the table after a finished
+        batch): recovery scans the table only after a writer died. ``rebuild_host_counts=False``:
+        the per-host counts were kept exact meanwhile (:meth:`adjust_host_counts`)."""
         if not self.in2out.is_writer:
+            h = self.in2out._hdr[0]
+            prev, jseq, jdone = int(h["writer_pid"]), int(h["jseq"]), int(h["jdone"])
             self.in2out._take_writer(False)
-            self.in2out.recovered = self.in2out.recover()
+            if prev not in (0, os.getpid()) or jseq & 1 or jdone != jseq:
+                self.in2out.recovered = self.in2out.recover()
         self.index.hdr["writer_pid"] = os.getpid()
         self.index.writer = True
         self._check_index()
         if self.zone_header is not None:
             self.sweeper.cursor = int(self.zone_header["expiry_cursor"][0]) % self.sweeper.capacity
-        self._host_sessions = {}
-        self._rebuild_host_counts()
+        if rebuild_host_counts:
+            self._host_sessions = {}
+            self._rebuild_host_counts()
+
+    def adjust_host_counts(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Per-inside-host session counts follow entries rewritten outside this pipeline (a hot
+        upgrade's migration copying into this table): ``old``/``new`` are the entries before/after."""
+        hs = self._host_sessions
+        for recs, sign in ((old, -1), (new, 1)):
+            fl = recs["flags"]
+            live = (recs["state"] == USED) & ((fl == FLAG_SESSION) | (fl == FLAG_STATIC))
+            if not live.any():
+                continue
+            hosts, _ = split_keys(recs["key0"][live], recs["key1"][live])
+            u, c = np.unique(hosts.astype(np.uint32), return_counts=True)
+            for h, k in zip(u.tolist(), c.tolist()):
+                v = hs.get(h, 0) + sign * k
+                if v > 0:
+                    hs[h] = v
+                else:
+                    hs.pop(h, None)
 
     def _rebuild_host_counts(self) -> None:
         """Per-inside-host session counts, derived from the in2out table (so they survive restarts)."""
@@ -705,6 +761,7 @@ class NatPipeline:
         """Translate a burst in place; returns ``(to_other, to_same)`` row indices (contract)."""
         self.forwarded = 0
         self.punted = 0
+        self._cur_dir = direction
         n = int(lengths.shape[0])
         if n == 0:
             return self._empty, self._empty
@@ -953,7 +1010,7 @@ class NatPipeline:
         if self._log_n and now != self._log_now:
             self.flush()
         self._log_now = now
-        self._log.append((slots.copy(), np.asarray(nbytes, np.uint64), None if refresh is None else refresh.copy()))
+        self._log.append((slots.copy(), np.asarray(nbytes, np.uint64), None if refresh is None else refresh.copy(), self._cur_dir == OUTSIDE))
         self._log_n += slots.size
         if self._log_n >= ACCT_FLUSH:
             self.flush()
@@ -971,9 +1028,13 @@ class NatPipeline:
         u, inv = np.unique(slots, return_inverse=True)
         e = self.in2out.entries
         cur = e[u]
-        vals = np.zeros(u.size, dtype=[("last_seen", "<u4"), ("packets", "<u8"), ("bytes", "<u8")])
+        fields = [("last_seen", "<u4"), ("packets", "<u8"), ("bytes", "<u8")] + ([("bytes_in", "<u8")] if self._bytes_in else [])
+        vals = np.zeros(u.size, dtype=fields)
         vals["packets"] = cur["packets"] + np.bincount(inv, minlength=u.size).astype(np.uint64)
         vals["bytes"] = cur["bytes"] + np.bincount(inv, weights=nbytes, minlength=u.size).astype(np.uint64)
+        if self._bytes_in:  # bytes received on the outside port (reply direction)
+            inb = np.concatenate([x[1] if x[3] else np.zeros(x[1].size, np.uint64) for x in log])
+            vals["bytes_in"] = cur["bytes_in"] + np.bincount(inv, weights=inb, minlength=u.size).astype(np.uint64)
         if all(x[2] is None for x in log):
             vals["last_seen"] = self._log_now
         else:
@@ -1554,6 +1615,8 @@ class NatPipeline:
     # -- hairpinning (RFC 4787 REQ-9): inside host to a pool address:port of another inside host
 
     def _hairpin(self, frames, i, src, dst, proto, sp, dp):
+        """Inside to a pool address: the sender's packet leaves through its own mapping and comes back in
+        through the receiver's, so the receiver's mapping filters it as it would a packet from outside."""
         frame = self._frame(frames, i)
         l3 = int(self.pb.l3_off[i])
         # 1. The sender's own mapping (created as for any outgoing flow; the "remote" is dst:dp).
@@ -1561,18 +1624,18 @@ class NatPipeline:
         if r is None:
             return None
         slot, xa, xp = r
-        if slot < -1:  # planned just now: publish it to have its slot
-            self._flush_new()
-            self._pre_ok = False
-            slot = self._slots_done[-slot - 2]
-            if slot < 0:
-                return self._count_drop("table_full")
-        # 2. The receiver: a session of the worker owning dp, a static mapping, or its EIM mapping.
+        slot = self._published(slot)  # planned just now: publish it to have its slot
+        if slot < 0:
+            return self._count_drop("table_full")
+        # 2. The receiver: a static mapping, or the EIM mapping of a session of the worker owning dp.
         target = self._hairpin_target(dst, proto, dp, xa, xp)
         if target is None:
             return self._count_drop("no_session")
-        ia, ip_ = target
+        ia, ip_, table, static = target
+        # The outgoing leg happened (the sender's session counts it) whatever the filter decides.
         self._account(INSIDE, np.array([i], np.intp), np.array([slot], np.int64))
+        if not static and not self._hairpin_admitted(table, ia, ip_, dst, proto, dp, xa, xp):
+            return self._count_drop("filtered")
         rewrite_ip(frame, l3, "src", xa, xp)
         rewrite_ip(frame, l3, "dst", ia, ip_)
         self._dec_ttl_bytes(frame, l3)
@@ -1582,10 +1645,13 @@ class NatPipeline:
         return None
 
     def _hairpin_target(self, dst, proto, dp, xa, xp):
+        """``(iaddr, iport, table, static)`` of the receiver of a hairpinned packet to ``dst:dp``, or None.
+
+        ``table``: the session table holding the receiver's mapping (None: this worker's own)."""
         if (proto, dst, dp) in self.fwd_out:
-            return self.fwd_out[(proto, dst, dp)]
+            return (*self.fwd_out[(proto, dst, dp)], None, True)
         if dst in self.one_out:
-            return self.one_out[dst], dp
+            return self.one_out[dst], dp, None, True
         owner = self._owner(dp)
         if owner is not None and owner != self.worker and owner in self.peers:
             sources = [self.peers[owner]]
@@ -1594,8 +1660,31 @@ class NatPipeline:
         for peer in sources:
             h = self._rev_find(dst, proto, dp, peer)
             if h is not None:
-                return h[1], h[2]
+                return h[1], h[2], None if peer is None else peer[1], False
         return None
+
+    def _hairpin_admitted(self, table: SessionTable | None, ia: int, ip_: int, dst: int, proto: int, dp: int,
+                          xa: int, xp: int) -> bool:
+        """The configured filtering, applied to a hairpinned packet from the sender's mapping ``xa:xp`` to
+        the receiver's mapping ``dst:dp`` (receiver ``ia:ip_``, its sessions in ``table``).
+
+        Address-and-port-dependent: the receiver has a session with ``xa:xp`` as its remote end;
+        address-dependent: it has a session with remote address ``xa`` on this mapping (an ADDR entry);
+        endpoint-independent: always.
+        """
+        if self.filtering == Filtering.ENDPOINT_INDEPENDENT:
+            return True
+        if self.filtering == Filtering.ADDRESS_DEPENDENT:
+            key = make_key(xa, dst, proto, 0, dp, TAG_ADDR)
+        else:
+            key = make_key(ia, xa, proto, ip_, ip_ if proto == IPPROTO_ICMP else xp)
+        if table is None:
+            if self._new:  # sessions planned earlier in this burst count too: publish them
+                self._flush_new()
+                self._pre_ok = False
+            return self._lookup1(self.in2out, key) >= 0
+        _, _, hits = table.lookup_consistent(np.array([key[0]], _U64), np.array([key[1]], _U64))
+        return bool(hits[0])
 
     def _owner(self, port: int) -> int | None:
         if port < self.nat.port_lo:
@@ -1618,6 +1707,11 @@ class NatPipeline:
         e = l4 + 8
         end = len(b)
         if end < e + 20 or b[e] >> 4 != 4:
+            return self._count_drop("malformed_l4")
+        # The ICMP checksum is recomputed below over the translated quote: check the received one first,
+        # so that a corrupted error is dropped instead of being forwarded with a fresh, valid checksum.
+        if internet_checksum(bytes(b[l4:l3 + _g16(b, l3 + 2)])) != 0:
+            self.stats["icmp_bad_checksum"] += 1
             return self._count_drop("malformed_l4")
         eihl = (b[e] & 0x0F) * 4
         el4 = e + eihl
@@ -1771,6 +1865,10 @@ class NatPipeline:
         if proto not in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP):
             self._count_drop("unsupported_protocol")
             return
+        if b[l3 + 8] <= 1:
+            # Before any session work: an expiring fragment must not create or refresh one.
+            self._ttl_expired(d, frames, i)
+            return
         ports = None
         if offset == 0:
             l4 = l3 + ihl
@@ -1780,13 +1878,11 @@ class NatPipeline:
             elif proto != IPPROTO_ICMP and plen >= 8:
                 ports = (_g16(b, l4), _g16(b, l4 + 2))
             if ports is not None:
-                x = self._frag_translation(d, frames, i, src, dst, proto, ports, b[l4 + 13] if proto == IPPROTO_TCP else 0)
+                x = self._frag_translation(d, frames, i, src, dst, proto, ports,
+                                           b[l4 + 13] if proto == IPPROTO_TCP and plen >= 14 else 0)
                 if x is None:
                     return  # counted by the session code
                 ports = x
-        if b[l3 + 8] <= 1:
-            self._count_drop("ttl_expired")
-            return
         pkt = (d, b, l3)
         acts = self.frag.submit(pkt, src, dst, proto, ident, offset, more, plen, ports, len(b))
         if any(a.packet is pkt and a.verdict == Verdict.DROP for a in acts):
@@ -1795,41 +1891,70 @@ class NatPipeline:
             self.punted += 1  # translated now or held (a later drop of a held one is in frag.counters)
         self._frag_actions([a for a in acts if not (a.packet is pkt and a.verdict == Verdict.DROP)])
 
-    def _frag_translation(self, d, frames, i, src, dst, proto, ports, flags):
+    def _published(self, slot: int) -> int:
+        """The slot of a session: a pending one (planned in this burst) is published first; -1: not stored."""
+        if slot < -1:
+            self._flush_new()
+            self._pre_ok = False  # the slow path's batch of mapping lookups is stale now
+            slot = self._slots_done[-slot - 2]
+        return slot
+
+    def _frag_translation(self, d, frames, i, src, dst, proto, ports, flags) -> "_FragFlow | None":
+        """The translation and the session of a fragmented datagram, from its first fragment."""
         sp, dp = ports
         if d == INSIDE:
             r = self._session_in2out(src, dst, proto, sp, dp, flags, frames, i)
             if r is None:
                 return None
             slot, xa, xp = r
-            return ("src", xa, xp, self.lpm.lookup(dst), dst)
-        s = self._o2i_find(src, dst, proto, dp if proto == IPPROTO_ICMP else sp, dp)
-        if s >= 0:
-            r = self.in2out.entries[s]
-            ia, _, _, _, ip_, _ = split_key(int(r["key0"]), int(r["key1"]))
+            which, addr, port, fdst = "src", xa, xp, dst
         else:
-            r = self._session_out2in(src, dst, proto, sp, dp, flags, frames, i)
-            if r is None:
-                return None
-            _, ia, ip_ = r
-        return ("dst", ia, ip_, self.lpm.lookup(ia), ia)
+            slot = self._o2i_find(src, dst, proto, dp if proto == IPPROTO_ICMP else sp, dp)
+            if slot >= 0:
+                r = self.in2out.entries[slot]
+                ia, _, _, _, ip_, _ = split_key(int(r["key0"]), int(r["key1"]))
+            else:
+                r = self._session_out2in(src, dst, proto, sp, dp, flags, frames, i)
+                if r is None:
+                    return None
+                slot, ia, ip_ = r
+            which, addr, port, fdst = "dst", ia, ip_, ia
+        slot = self._published(slot)
+        if slot < 0:
+            return self._count_drop("table_full")
+        return _FragFlow(which, addr, port, self.lpm.lookup(fdst), fdst, slot, int(self.in2out.entries["key0"][slot]))
 
     def _frag_actions(self, acts) -> None:
         for a in acts:
             if a.verdict == Verdict.TRANSLATE:
                 d, b, l3 = a.packet
-                which, addr, port, hop, fdst = a.ports
+                flow: _FragFlow = a.ports
                 first = (_g16(b, l3 + 6) & 0x1FFF) == 0
-                rewrite_ip(b, l3, which, addr, port if first else None, l4=first)
+                self._frag_account(d, b, l3, flow, first)
+                rewrite_ip(b, l3, flow.which, flow.addr, flow.port if first else None, l4=first)
                 self._dec_ttl_bytes(b, l3)
-                if hop == MISS:
+                if flow.hop == MISS:
                     self.stats["neigh_drops"] += 1
                     continue
-                h = self.hops[hop]
+                h = self.hops[flow.hop]
                 self.stats["frag_translated"] += 1
-                self._send_via(OUTSIDE if d == INSIDE else INSIDE, b, h.via if h.via is not None else fdst)
+                self._send_via(OUTSIDE if d == INSIDE else INSIDE, b, h.via if h.via is not None else flow.fdst)
             elif a.verdict == Verdict.DROP:
                 self.stats["neigh_drops"] += 1  # already counted as punted when it arrived
+
+    def _frag_account(self, d: int, b: bytearray, l3: int, flow: "_FragFlow", first: bool) -> None:
+        """Each translated fragment is a packet of its session: packets, bytes and last_seen (as the
+        first fragment's TCP flags decide), and the first fragment of a TCP segment moves the TCP state."""
+        e = self.in2out.entries
+        s = flow.slot
+        if e["state"][s] != USED or int(e["key0"][s]) != flow.key0:
+            return  # the session ended while fragments were held
+        sl = np.array([s], np.int64)
+        ihl = (b[l3] & 0x0F) * 4
+        if first and b[l3 + 9] == IPPROTO_TCP and len(b) >= l3 + ihl + 14:
+            ref = self._tcp(d, sl, np.ones(1, bool), e["tcp_state"][sl], np.array([b[l3 + ihl + 13]], np.uint8))
+            flow.refresh = bool(ref[0])
+        self._log_acct(sl, np.array([_g16(b, l3 + 2)], np.uint64), None if flow.refresh else np.zeros(1, bool))
 
     # ------------------------------------------------------------------ helpers
 
@@ -1933,14 +2058,21 @@ class NatPipeline:
 
 # ----------------------------------------------------------------------------- sizing and zones
 
+#: Sessions per worker added to ``max_sessions``' share when sizing: room for the refusal margin of
+#: :meth:`NatPipeline._full` (a burst's worth of planned sessions), so the configured number really fits.
+SIZING_SLACK = 1024
+
+
 def table_capacity_for(config: GatewayConfig, workers: int | None = None) -> int:
-    """``in2out`` entries per worker: ``[nat] max_sessions`` over the workers at ``MAX_LOAD``, a power of two."""
+    """``in2out`` entries per worker: ``[nat] max_sessions``' share of each worker (plus
+    :data:`SIZING_SLACK`) at ``MAX_LOAD``, exactly -- not rounded to a power of two, which could
+    nearly double the zones (the table then uses its range-reduced geometry, shared/session_table.py)."""
     ms = getattr(config.nat, "max_sessions", 0) or 0
     if not ms:
         return DEFAULT_TABLE_CAPACITY
     w = workers or config.nat.workers
-    per = -(-int(ms) // w)
-    return max(1024, 1 << int(np.ceil(np.log2(per / MAX_LOAD))))
+    per = -(-int(ms) // w) + SIZING_SLACK
+    return max(1024, int(np.ceil(per / MAX_LOAD)))
 
 
 def index_capacity_for(table_capacity: int) -> int:
@@ -1966,6 +2098,15 @@ def memory_per_session(table_capacity: int = DEFAULT_TABLE_CAPACITY) -> dict[str
             "zone_bytes": t + i, "bytes_per_session": per, "sessions_in_1GiB": int((1 << 30) / per)}
 
 
+def session_zone_bytes(config: GatewayConfig, workers: int | None = None) -> int:
+    """Bytes of the session zones (``in2out`` + index) of all workers as the primary reserves them for ``config``."""
+    from hotplane.shared.session_index import SessionIndex
+
+    w = workers or config.nat.workers
+    cap = table_capacity_for(config, w)
+    return w * (SessionTable.zone_size(cap) + SessionIndex.zone_size(index_capacity_for(cap)))
+
+
 def private_zones(config: GatewayConfig, worker: int, clock: Clock, table_capacity: int = DEFAULT_TABLE_CAPACITY
                   ) -> dict[str, Any]:
     """Process-private stand-ins for the worker's zones (tests, benchmarks)."""
@@ -1981,12 +2122,13 @@ def private_zones(config: GatewayConfig, worker: int, clock: Clock, table_capaci
     return {"in2out": t1, "index": ix, "pool": alloc, "lpm": lpm, "neigh": neigh}
 
 
-def build_pipeline(cfg: dict, worker_id: int, inst) -> NatPipeline:
+def build_pipeline(cfg: dict, worker_id: int, inst, *, in2out: SessionTable | None = None) -> NatPipeline:
     """The worker's entry point: the NAT pipeline for ``worker_id`` on the instance's zones.
 
     ``cfg`` is the primary's ``config`` answer (``config_toml``, ``config_path``, ``macs``).
     The gateway's own MACs come from the config, else from the af_packet interfaces, else
-    from the primary's defaults.
+    from the primary's defaults. ``in2out``: the session table object to use (the worker
+    picks the live table of the layout version its build writes, shared/session_migrate.py).
     """
     from hotplane.primary.nat_zones import attach_nat_zones
     from hotplane.shared.nat_config import parse_config
@@ -2002,5 +2144,5 @@ def build_pipeline(cfg: dict, worker_id: int, inst) -> NatPipeline:
             except OSError:
                 pass
     clock = MonotonicClock(epoch=0.0)  # seconds since boot: the same reading in every process
-    zones = attach_nat_zones(inst.directory, worker_id, config, clock)
+    zones = attach_nat_zones(inst.directory, worker_id, config, clock, in2out=in2out)
     return NatPipeline(config, worker_id, zones, clock, macs=macs)

@@ -42,6 +42,7 @@ SESSION_SCHEMA_ID = 4
 QUEUE_STATE_SCHEMA_ID = 6
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 _NAT_ZONE = re.compile(r"^nat\.w(\d+)\.")
+_IN2OUT = re.compile(r"^nat\.w\d+\.in2out(\.v\d+)?$")
 
 
 # --------------------------------------------------------------------------- reading the memory
@@ -121,30 +122,93 @@ def _traffic(directory) -> list[dict[str, Any]]:
 
 
 def _sessions(directory) -> dict[str, Any]:
-    """Sessions by worker and protocol, from the NAT session tables (if the NAT pipeline made any)."""
-    from hotplane.shared.session_table import SessionTable
+    """Sessions by worker and protocol, from the NAT session tables (if the NAT pipeline made any).
+
+    Each worker's *live* table only, whatever its layout version: a hot upgrade that
+    migrated the sessions leaves the previous version's zone beside it, unused.
+    """
+    from hotplane.shared.session_migrate import live_table_zone, table_class
 
     by_proto: dict[str, int] = {}
     per_worker: dict[int, dict[str, int]] = {}
     tables = 0
+    live: dict[int, str | None] = {}
     for z in directory.list():
         m = _NAT_ZONE.match(z.name)
         if m is None or z.schema_id != SESSION_SCHEMA_ID:
             continue
+        wid = int(m.group(1))
+        if _IN2OUT.match(z.name):  # one zone per layout version: only the live one holds the sessions
+            if wid not in live:
+                lz = live_table_zone(directory, wid)
+                live[wid] = lz[0].name if lz is not None else None
+            if z.name != live[wid]:
+                continue
         try:
-            t = SessionTable.attach(z.view)  # a reader: no writes, no recovery
+            t = table_class(z.version).attach(z.view)  # a reader: no writes, no recovery
         except (SchemaError, ValueError):
             continue
         tables += 1
         used = t.entries["state"] == 1
         counts = np.bincount(t.entries["protocol"][used], minlength=256)
-        w = per_worker.setdefault(int(m.group(1)), {})
+        w = per_worker.setdefault(wid, {})
         for proto in np.flatnonzero(counts):
             name = PROTO_NAMES.get(int(proto), str(int(proto)))
             w[name] = w.get(name, 0) + int(counts[proto])
             by_proto[name] = by_proto.get(name, 0) + int(counts[proto])
     return {"available": tables > 0, "tables": tables, "total": sum(by_proto.values()), "by_protocol": by_proto,
             "per_worker": {str(k): v for k, v in sorted(per_worker.items())}}
+
+
+UPGRADE_PHASES = ("IDLE", "PREPARING", "SWAPPING", "CANARY", "SWAPPED", "COMMITTED", "REVERTING", "DONE")  # schema/upgrade.py PHASE_*
+UPGRADE_RESULTS = ("committed", "rolled back", "aborted", "dry run")
+
+
+def _upgrade(directory) -> dict[str, Any]:
+    """Hot upgrades: the phase now, how many ran and how they ended, the last one, its swap gaps.
+
+    The phase and the per-queue swap stamps come from the ``upgrade_control`` zone
+    (written by the supervisor and the workers), the history from the supervisor's
+    ``upgrade-history.jsonl`` in the runtime directory.
+    """
+    import json as _json
+
+    from hotplane.shared.runtime import runtime_dir
+
+    out: dict[str, Any] = {"phase": "IDLE", "started": 0, "results": dict.fromkeys(UPGRADE_RESULTS, 0), "last": None, "swap_gaps_us": {}}
+    z = directory.lookup("upgrade_control")
+    if z is not None:
+        from hotplane.schema import upgrade as us
+
+        try:
+            hdr, recs = us.attach(z.view)
+        except SchemaError:
+            recs = None
+        if recs is not None:
+            h = hdr[0]
+            out["phase"] = UPGRADE_PHASES[int(h["phase"])] if int(h["phase"]) < len(UPGRADE_PHASES) else str(int(h["phase"]))
+            out["started"] = int(h["upgrade_seq"])
+            nq = max(1, len(recs) // 2)
+            for i, r in enumerate(recs):
+                a, b = int(r["old_last_burst_ns"]), int(r["new_first_burst_ns"])
+                if a and b >= a:
+                    out["swap_gaps_us"][f"{('inside', 'outside')[i // nq] if i // nq < 2 else '?'}/{i % nq}"] = (b - a) / 1e3
+    try:
+        path = runtime_dir(directory.prefix) / "upgrade-history.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+    except OSError:
+        lines = []
+    last = None
+    for line in lines:
+        try:
+            h = _json.loads(line)
+        except ValueError:
+            continue
+        out["results"][h.get("result", "?")] = out["results"].get(h.get("result", "?"), 0) + 1
+        last = h
+    if last is not None:
+        out["last"] = {k: last.get(k) for k in ("time", "result", "reason", "from", "to", "elapsed_s", "dry_run")}
+    return out
 
 
 def snapshot(directory) -> dict[str, Any]:
@@ -155,6 +219,7 @@ def snapshot(directory) -> dict[str, Any]:
         "queues": _queues(directory),
         "traffic": _traffic(directory),
         "sessions": _sessions(directory),
+        "upgrade": _upgrade(directory),
     }
 
 
@@ -227,6 +292,10 @@ class HotplaneCollector:
     def describe(self) -> list:
         return []  # unchecked collector: families are known only at scrape time
 
+    def collect_once(self) -> int:
+        """One scrape's work, discarded (a hot-upgrade candidate warms up with it); returns the families."""
+        return len(list(self.collect()))
+
     def collect(self) -> Iterable:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
@@ -243,8 +312,10 @@ class HotplaneCollector:
         drops = counter("worker_dropped_packets", "packets dropped by the worker, by reason", ["worker", "reason"])
         restarts = counter("worker_restarts", "times a worker started again in this slot", wl)
         hb = GaugeMetricFamily("hotplane_worker_heartbeat_age_seconds", "seconds since the worker's last heartbeat", labels=wl)
+        winfo = InfoMetricFamily("hotplane_worker", "the version of the process writing the worker's counters", labels=wl)
         for w in snap["workers"]:
             lab = [str(w["id"])]
+            winfo.add_metric(lab, {"version": w["version"]})
             for n in SCALAR_COUNTERS:
                 fams[n].add_metric(lab, w[n])
             for reason, v in w["dropped"].items():
@@ -256,6 +327,8 @@ class HotplaneCollector:
         yield drops
         yield restarts
         yield hb
+        yield winfo
+        yield from _upgrade_families(snap["upgrade"])
 
         ql = ["port", "queue"]
         qf = {f: counter(f"queue_{f}", f"{f.replace('_', ' ')} of the port queue", ql) for f in QUEUE_FIELDS}
@@ -305,6 +378,38 @@ class HotplaneCollector:
             yield info
 
 
+def _upgrade_families(u: dict[str, Any]) -> Iterable:
+    """Prometheus families of the hot upgrades (see :func:`_upgrade`)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+    phase = GaugeMetricFamily("hotplane_upgrade_phase", "1 for the phase the hot upgrade is in (IDLE/DONE: none running)", labels=["phase"])
+    for name in UPGRADE_PHASES:
+        phase.add_metric([name], 1 if u["phase"] == name else 0)
+    yield phase
+    started = CounterMetricFamily("hotplane_upgrades_started", "hot upgrades started on this instance's memory")
+    started.add_metric([], u["started"])
+    yield started
+    res = CounterMetricFamily("hotplane_upgrades", "hot upgrades by how they ended (the supervisor's history)", labels=["result"])
+    for k, v in u["results"].items():
+        res.add_metric([k], v)
+    yield res
+    last = u.get("last")
+    if last:
+        info = InfoMetricFamily("hotplane_upgrade_last", "the last hot upgrade: result and versions")
+        info.add_metric([], {"result": str(last.get("result")), "from_version": str(last.get("from")), "to_version": str(last.get("to"))})
+        yield info
+        g = GaugeMetricFamily("hotplane_upgrade_last_timestamp_seconds", "when the last hot upgrade ended (unix time)")
+        g.add_metric([], float(last.get("time") or 0))
+        yield g
+        g = GaugeMetricFamily("hotplane_upgrade_last_duration_seconds", "how long the last hot upgrade took")
+        g.add_metric([], float(last.get("elapsed_s") or 0))
+        yield g
+    gap = GaugeMetricFamily("hotplane_upgrade_swap_gap_seconds", "per queue: old owner's last burst to new owner's first, last swap", labels=["queue"])
+    for q, us_ in sorted(u["swap_gaps_us"].items()):
+        gap.add_metric([q], us_ / 1e6)
+    yield gap
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` too) -> (host, port); ValueError says why."""
     host, sep, port = text.rpartition(":")
@@ -326,6 +431,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--listen", default="127.0.0.1:9108", help="address:port of the exposition endpoint (default 127.0.0.1:9108; port 0 picks one)")
     ap.add_argument("--supervisor-socket", help="supervisor control socket (default $HOTPLANE_SUPERVISOR_SOCKET)")
     ap.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    ap.add_argument("--candidate", action="store_true", help="hot-upgrade candidate: attach, validate, take the running stats "
+                    "process's listener ($HOTPLANE_UPGRADE_OLD_PID), serve once told to take over")
+    ap.add_argument("--dry-run", action="store_true", help="with --candidate: validate the zones, report, exit")
     try:
         app = ap.parse_args(opts.app_args)
     except SystemExit as e:
@@ -336,39 +444,72 @@ def main(argv: list[str]) -> int:
         print(f"hotplane stats: {e}", file=sys.stderr)
         return EXIT_USAGE
 
+    from hotplane.secondary.stats_handover import Exporter, agent_handlers, fetch_listener, listen
     from hotplane.shared.instance import InstanceError, eal_init
     from hotplane.shared.ready import SUPERVISOR_SOCKET_ENV, report_ready
+    from hotplane.shared.upgrade_agent import UpgradeAgent
     from hotplane.supervisor.logs import guard_stdio
 
     if os.environ.get(SUPERVISOR_SOCKET_ENV):
         guard_stdio()
+    unit = os.environ.get("HOTPLANE_UPGRADE_UNIT", "stats")
+    report = None
+    if app.candidate:
+        from hotplane.secondary.worker import report_candidate, validate_zones
+
+        report = lambda step, detail=None: report_candidate(unit, step, detail)  # noqa: E731
     try:
         inst = eal_init(opts)
     except InstanceError as e:
         print(f"hotplane stats: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, make_wsgi_app
 
-    registry = CollectorRegistry(auto_describe=False)
-    collector = HotplaneCollector(inst.directory, app.supervisor_socket or os.environ.get(SUPERVISOR_SOCKET_ENV))
-    registry.register(collector)
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        if report is not None:
+            report("attached", {"generation": inst.generation})
+            zones = validate_zones(inst.directory, migrates=False)
+            report("validated", {"zones": zones})
+            if app.dry_run or any(v.startswith("refused") for v in zones.values()):
+                inst.close()
+                return EXIT_OK
+            old = int(os.environ.get("HOTPLANE_UPGRADE_OLD_PID", "0"))
+            if not old:
+                raise OSError("no $HOTPLANE_UPGRADE_OLD_PID: a stats candidate takes its listener from the running stats process")
+            sock = fetch_listener(inst.runtime_dir, old)
+        else:
+            sock = listen(host, port)
     except OSError as e:
         print(f"hotplane stats: cannot listen on {host}:{port}: {e.strerror or e} (pick another [stats] listen address)", file=sys.stderr)
         inst.close()
         return EXIT_FAILURE
-    bound = server.server_address[1]
+    registry = CollectorRegistry(auto_describe=False)
+    collector = HotplaneCollector(inst.directory, app.supervisor_socket or os.environ.get(SUPERVISOR_SOCKET_ENV))
+    registry.register(collector)
+    exporter = Exporter(sock, make_wsgi_app(registry))
+    bound = exporter.address[1]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    report_ready("stats", {"listen": f"{host}:{bound}", "url": f"http://{host}:{bound}/metrics", "prefix": inst.prefix}, as_json=app.json)
+    from hotplane import __version__
+
+    agent = UpgradeAgent(inst.runtime_dir, agent_handlers(exporter, stop, lambda: {
+        "pid": os.getpid(), "version": __version__, "candidate": app.candidate, "serving": exporter.serving, "listen": f"{host}:{bound}"}))
+    agent.start_thread()
     try:
+        if report is not None:
+            collector.collect_once()  # the first scrape's imports and zone reads, before taking over
+            report("warm")
+            report("ready", {"control": str(agent.path), "listen": f"{host}:{bound}"})
+        else:
+            exporter.serve()
+            report_ready("stats", {"listen": f"{host}:{bound}", "url": f"http://{host}:{bound}/metrics", "prefix": inst.prefix, "version": __version__},
+                         as_json=app.json)
         while not stop.wait(3600):
             pass
     finally:
-        server.shutdown()
-        server.server_close()
+        agent.close()
+        exporter.close()
         with collector.lock:
             collector.directory = None
             inst.close()

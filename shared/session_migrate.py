@@ -47,6 +47,14 @@ later layout could keep a dirty-slot ring instead.
 Limits: seq is 32 bits, so an entry rewritten exactly 2**31 times between two
 passes would look unchanged (at one write per packet, days of line rate on
 one session during one upgrade).
+
+A worker's zones (:class:`TableHandover`, :func:`live_table_zone`)
+------------------------------------------------------------------
+One zone per layout version and worker (``nat.w<i>.in2out``, ``...in2out.v2``);
+the *live* one carries the highest activation number in its header's ``flags``
+word. A hand-over fills the destination (copy ahead, delta) and activates it
+with one store once its process holds the worker's queues; readers follow the
+live zone. See the section "a worker's table zones" below.
 """
 
 from __future__ import annotations
@@ -73,9 +81,10 @@ from hotplane.schema.session import (
 )
 from hotplane.schema.session_migrations import HEADER_COPY_FIELDS, converter, init_header_from, zone_views
 from hotplane.shared.ordering import require_tso
-from hotplane.shared.session_table import BURST_MAX, SessionTable, _check_buf, _pid_alive
+from hotplane.shared.session_table import BURST_MAX, SessionTable, _check_buf, _pid_alive, back_slots, check_capacity, header_mask
 
-__all__ = ["SessionTableV2", "OnlineMigration", "MigrationResult", "NotQuiescent", "table_class", "table_version"]
+__all__ = ["SessionTableV2", "OnlineMigration", "MigrationResult", "NotQuiescent", "TableHandover", "table_class", "table_version",
+           "table_zone_name", "live_table_zone", "attach_live", "table_verdicts", "worker_table", "activation"]
 
 _LAYOUTS = {1: LAYOUT, 2: LAYOUT_V2}
 _HEADERS = {1: HEADER, 2: HEADER_V2}
@@ -112,16 +121,13 @@ class SessionTableV2(SessionTable):
     def create(cls, buf: np.ndarray, capacity: int, seed: int = 0, *, max_probe: int = DEFAULT_MAX_PROBE) -> "SessionTableV2":
         """Initialise an empty v2 table in ``buf`` with the writer role (this process)."""
         capacity = int(capacity)
-        if capacity < 8 or capacity > 1 << 32 or capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two between 8 and 2**32, got {capacity}")
-        if not 1 <= int(max_probe) <= min(MAX_MAX_PROBE, capacity):
-            raise ValueError(f"max_probe must be between 1 and {min(MAX_MAX_PROBE, capacity)}, got {max_probe}")
+        check_capacity(capacity, int(max_probe))  # the geometries of shared/session_table.py
         need = cls.zone_size(capacity)
         _check_buf(buf, need)
         buf[:need] = 0
         hdr = buf[: HEADER_V2.itemsize].view(HEADER_V2)
         hdr["capacity"] = capacity
-        hdr["mask"] = capacity - 1
+        hdr["mask"] = header_mask(capacity)
         hdr["seed"] = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
         hdr["max_probe"] = int(max_probe)
         hdr["writer_pid"] = os.getpid()
@@ -145,10 +151,7 @@ class SessionTableV2(SessionTable):
         # The same views and scratch as SessionTable.__init__, typed v2 (that
         # method verifies the v1 stamp, so it cannot be called for a v2 zone).
         mp = int(hdr["max_probe"][0])
-        if cap < 8 or cap & (cap - 1) or int(hdr["mask"][0]) != cap - 1:
-            raise registry.SchemaError(f"session table v2: corrupt header: capacity {cap}, mask {int(hdr['mask'][0]):#x}")
-        if not 1 <= mp <= min(MAX_MAX_PROBE, cap):
-            raise registry.SchemaError(f"session table v2: corrupt header: max_probe {mp}")
+        self._set_geometry(cap, int(hdr["mask"][0]), mp, "session table v2")
         from hotplane.shared import session_table as st
 
         self._buf = buf
@@ -159,8 +162,6 @@ class SessionTableV2(SessionTable):
         self._writer = False
         self.recovered = 0
         self._pause_hook = None
-        self._mask_i = np.int64(cap - 1)
-        self._mask_u = np.uint64(cap - 1)
         self._seed_u = np.uint64(self.seed)
         self._h_count = hdr["count"]
         self._h_tomb = hdr["tombstones"]
@@ -327,6 +328,7 @@ class OnlineMigration:
         self.chunk = max(1024, int(chunk))
         me = os.getpid()
         if create:
+            _refuse_live_writer(dst_buf, self.dst_version, me, force)
             init_header_from(self.src_hdr, dst_buf, self.dst_version, writer_pid=me, from_version=self.src_version)
             self.dst_hdr, self.dst = zone_views(dst_buf, self.dst_version)
             self._count = 0
@@ -361,6 +363,12 @@ class OnlineMigration:
         self._covered = False  # a full pass ran with no missed batch since it began
         self.missed = 0  # batches tracking missed (each forces a full pass)
         self.passes = 0
+        # An incremental full pass (pass_step), resumable between calls: next slot, missed at its start.
+        self._step_lo: int | None = None
+        self._step_missed = 0
+        # Called with (old destination records, new records) for every entry a copy changes, so a
+        # caller can keep figures derived from the table (per-host session counts) exact.
+        self.on_copy = None
         self.ahead_copied = 0
         self.finished: MigrationResult | None = None
 
@@ -392,7 +400,7 @@ class OnlineMigration:
             if kind == J_DELETE:
                 # Trimming after a delete walks back over tombstones before each deleted slot.
                 back = np.arange(2 * self.max_probe + 1, dtype=np.int64)
-                slots = ((slots[:, None] - back) & (self.capacity - 1)).reshape(-1)
+                slots = back_slots(slots, back, self.capacity)
             self._dirty.append((j1, slots))
             self._last_j = j1
             return max(seen, 0)
@@ -443,6 +451,7 @@ class OnlineMigration:
         if diff.size == 0:
             return 0, unstable
         img = self.convert(recs)
+        before = self.dst[diff] if self.on_copy is not None else None
         old_st = self._dst_state[diff]
         img["seq"] = a - np.uint32(1)  # odd while written (a is even; 0 wraps to an odd value)
         self._dseq[diff] = img["seq"]
@@ -451,6 +460,8 @@ class OnlineMigration:
         new_st = img["state"]
         self._count += int(np.count_nonzero(new_st == USED)) - int(np.count_nonzero(old_st == USED))
         self._tombs += int(np.count_nonzero(new_st == TOMBSTONE)) - int(np.count_nonzero(old_st == TOMBSTONE))
+        if before is not None:
+            self.on_copy(before, img)
         return int(diff.size), unstable
 
     def _full_pass(self, strict: bool, track: bool) -> tuple[int, int]:
@@ -486,6 +497,34 @@ class OnlineMigration:
                 break
         self.ahead_copied += copied
         return {"passes": self.passes, "copied": copied, "unstable": unstable, "covered": self._covered, "count": self._count}
+
+    def pass_step(self, budget: int = 1 << 14) -> bool:
+        """Advance an incremental full pass by up to ``budget`` slots (writer still running).
+
+        For a caller that must stay responsive (a candidate's poll loop): a full
+        pass spread over many calls. Returns True when a pass completed with this
+        call; coverage is re-established when no batch was missed since it began.
+        """
+        if self._step_lo is None:
+            self.track()
+            self._prune()
+            self._step_lo = 0
+            self._step_missed = self.missed
+        lo = self._step_lo
+        hi = min(self.capacity, lo + max(self.chunk, int(budget)))
+        for a in range(lo, hi, self.chunk):
+            b = min(hi, a + self.chunk)
+            d = np.flatnonzero((self._sseq[a:b] != self._dseq[a:b]) | (self._sst[a:b] != self._dst_state[a:b]))
+            if d.size:
+                self.ahead_copied += self._sync_slots(d + a, False)[0]
+            self.track()
+        if hi < self.capacity:
+            self._step_lo = hi
+            return False
+        self._step_lo = None
+        self.passes += 1
+        self._covered = self.missed == self._step_missed and self._last_j is not None
+        return True
 
     def catch_up(self) -> int:
         """Copy the tracked dirty slots now (writer still running) so the swap-time delta stays small."""
@@ -574,3 +613,219 @@ class OnlineMigration:
         if nu_s != nu_d or nu_d != int(self.dst_hdr["count"][0]) or nu_s != int(self.src_hdr["count"][0]):
             probs.append(f"counts: source {nu_s} used / header {int(self.src_hdr['count'][0])}, destination {nu_d} used / header {int(self.dst_hdr['count'][0])}")
         return probs
+
+
+def _refuse_live_writer(buf: np.ndarray, version: int, me: int, force: bool) -> None:
+    """A destination about to be re-initialised must not have another live writer (two versions never write one zone)."""
+    hdr = buf[: _HEADERS[version].itemsize].view(_HEADERS[version])
+    if (int(hdr["schema_id"][0]), int(hdr["version"][0]), int(hdr["layout_hash"][0])) != (
+            _LAYOUTS[version].schema_id, _LAYOUTS[version].version, _LAYOUTS[version].layout_hash):
+        return  # not (yet) a table: nobody writes it
+    pid = int(hdr["writer_pid"][0])
+    if pid and pid != me and not force and _pid_alive(pid):
+        raise NotQuiescent(f"migration destination has a live writer (pid {pid}); two versions never write one zone")
+
+
+# --------------------------------------------------------------------------- a worker's table zones
+#
+# Each worker's sessions live in one zone per layout version: ``nat.w<i>.in2out``
+# (version 1, reserved by the primary) and ``nat.w<i>.in2out.v<n>`` (version n,
+# reserved by the first process of a build writing version n). Exactly one of them
+# is *live*: the one with the highest activation number, a u4 kept in the table
+# header's ``flags`` word (same offset in every version; 0 in a zone that was never
+# activated). A migration that completes makes its destination live with one store
+# (``activation(source) + 1``), by the process that is the destination's writer and
+# holds the worker's queues; the source is left as it was, for a rollback. Readers
+# (stats, hairpinning peers, the candidates' validation) use the live zone only.
+
+
+def table_zone_name(worker: int, version: int) -> str:
+    """The zone holding worker ``worker``'s session table at layout ``version``."""
+    base = f"nat.w{int(worker)}.in2out"
+    return base if int(version) == 1 else f"{base}.v{int(version)}"
+
+
+def table_zones(directory, worker: int) -> dict[int, object]:
+    """``{version: memzone}`` of every session-table zone of ``worker`` that exists."""
+    out = {}
+    for v, lay in _LAYOUTS.items():
+        z = directory.lookup(table_zone_name(worker, v))
+        if z is not None and (z.schema_id, z.version) == (lay.schema_id, lay.version):
+            out[v] = z
+    return out
+
+
+def activation(buf: np.ndarray) -> int:
+    """The activation number of the table in ``buf`` (0: never made live by a migration)."""
+    return int(buf[: HEADER.itemsize].view(HEADER)["flags"][0])
+
+
+def live_table_zone(directory, worker: int) -> tuple[object, int] | None:
+    """``(memzone, version)`` of worker ``worker``'s live session table, or None (no NAT tables)."""
+    zones = table_zones(directory, worker)
+    if not zones:
+        return None
+    # Ties (two zones never activated): the primary's version-1 zone is the original.
+    v = max(zones, key=lambda v: (activation(zones[v].view), v == 1))
+    return zones[v], v
+
+
+def attach_live(directory, worker: int) -> SessionTable | None:
+    """A reader of worker ``worker``'s live table, whatever its version (None without NAT tables)."""
+    live = live_table_zone(directory, worker)
+    return None if live is None else table_class(live[1]).attach(live[0].view)
+
+
+def table_verdicts(directory, want_version: int, *, migrates: bool = True) -> dict[str, str]:
+    """Zone by zone, what a build writing session tables of ``want_version`` makes of them.
+
+    The live table: compatible / needs migration / refused (``migrates=False``,
+    a process that only reads tables: compatible if this build reads its
+    version). A superseded zone is not in use: it says so.
+    """
+    import re
+
+    pat = re.compile(r"^nat\.w(\d+)\.in2out(\.v\d+)?$")
+    out: dict[str, str] = {}
+    for z in directory.list():
+        m = pat.match(z.name)
+        if m is None or z.schema_id != LAYOUT.schema_id:
+            continue
+        live = live_table_zone(directory, int(m.group(1)))
+        if live is not None and live[0].name != z.name:
+            out[z.name] = f"superseded: not in use (the live table is {live[0].name}; a later migration rewrites this one)"
+        else:
+            out[z.name] = registry.compatibility(z.schema_id, z.version, z.layout_hash, want_version if migrates else z.version)
+    return out
+
+
+def reserve_table_zone(directory, worker: int, version: int, capacity: int):
+    """Worker ``worker``'s zone for layout ``version`` (reserved on first use)."""
+    lay = _LAYOUTS[int(version)]
+    z, _ = directory.reserve_or_lookup(table_zone_name(worker, version), lay.zone_size(int(capacity)), lay)
+    return z
+
+
+class TableHandover:
+    """This process takes worker ``worker``'s sessions over from a live table of another layout version.
+
+    * forward (the candidate of a build writing ``version``): the destination is
+      that version's zone, initialised afresh (``reuse=False``) and filled ahead of
+      the swap while the old worker keeps forwarding (:meth:`copy_ahead`, then
+      :meth:`poll` from the candidate's loop);
+    * reverse (the parked old worker of a rollback) and start-up (a worker started
+      while another version's table is live): the destination is the process's own
+      zone; ``reuse=True`` keeps its content (a past image of the same sessions: only
+      what changed since moves).
+
+    :meth:`finish` runs once the live table's writer has stopped (released the
+    writer role, or died); :meth:`activate`, once this process holds the worker's
+    queues, makes the destination the live table. Until then nothing anyone reads
+    has changed, so an abort at any point leaves the old table in charge.
+    """
+
+    def __init__(self, directory, worker: int, version: int, *, reuse: bool = False) -> None:
+        live = live_table_zone(directory, worker)
+        if live is None:
+            raise registry.SchemaError(f"worker {worker} has no session table to migrate")
+        self.worker = int(worker)
+        self.src_zone, self.src_version = live
+        self.dst_version = int(version)
+        if self.src_version == self.dst_version:
+            raise ValueError(f"worker {worker}'s live table is already at version {version}")
+        cap = int(zone_views(self.src_zone.view, self.src_version)[0]["capacity"][0])
+        self.dst_zone = reserve_table_zone(directory, worker, version, cap)
+        create = not (reuse and self._same_lineage(cap))
+        self.mig = OnlineMigration(self.src_zone.view, self.dst_zone.view, to_version=version, create=create)
+        self.created = create
+        self.ahead: dict = {}
+        self.result: MigrationResult | None = None
+        self.activated = False
+
+    def _same_lineage(self, cap: int) -> bool:
+        try:
+            hdr, _ = zone_views(self.dst_zone.view, self.dst_version)
+            registry.verify(hdr, _LAYOUTS[self.dst_version], what="session table")
+        except (registry.SchemaError, ValueError):
+            return False
+        src = zone_views(self.src_zone.view, self.src_version)[0]
+        return all(int(hdr[f][0]) == int(src[f][0]) for f in ("capacity", "seed", "max_probe")) and int(hdr["capacity"][0]) == cap
+
+    @property
+    def describe(self) -> str:
+        return f"{self.src_zone.name} (v{self.src_version}) -> {self.dst_zone.name} (v{self.dst_version})"
+
+    def copy_ahead(self) -> dict:
+        """Full copy passes while the live table's writer runs (see :meth:`OnlineMigration.copy_ahead`)."""
+        self.ahead = self.mig.copy_ahead()
+        return self.ahead
+
+    def poll(self, *, armed: bool = False) -> None:
+        """From a poll loop until the swap: follow the writer's journal and keep the copy current.
+
+        ``armed`` (the swap may come any moment): only follow the journal, so the
+        claim is never late behind a copy step.
+        """
+        if self.result is not None:
+            return
+        m = self.mig
+        seen = m.track()
+        if armed:
+            return
+        if not m.covered:
+            m.pass_step()
+        elif seen:
+            m.catch_up()  # only after new batches: a parked candidate costs next to nothing
+
+    def finish(self, *, recover: bool = True) -> MigrationResult:
+        """The swap-time delta (idempotent); NotQuiescent while the live table's writer still runs."""
+        if self.result is None:
+            self.result = self.mig.finish(recover=recover)
+        return self.result
+
+    def activate(self) -> None:
+        """Make the destination the live table (after :meth:`finish`, holding the worker's queues)."""
+        if self.result is None:
+            raise RuntimeError("finish() the handover before activating its table")
+        hdr = self.dst_zone.view[: HEADER.itemsize].view(HEADER)
+        hdr["flags"] = activation(self.src_zone.view) + 1
+        self.activated = True
+
+    def reader(self) -> SessionTable:
+        """A reader object of the destination (the pipeline's table; it takes the writer role at the swap)."""
+        return table_class(self.dst_version).attach(self.dst_zone.view)
+
+    def summary(self) -> dict:
+        """Figures for progress lines and the upgrade_control record."""
+        d = {"from": self.src_zone.name, "to": self.dst_zone.name, "from_version": self.src_version, "to_version": self.dst_version,
+             "copied_ahead": self.mig.ahead_copied, "passes": self.mig.passes, "missed_batches": self.mig.missed}
+        if self.result is not None:
+            r = self.result
+            d.update(mode=r.mode, delta_copied=r.copied, delta_compared=r.compared, pause_us=round(r.pause_ns / 1e3, 1),
+                     sessions=r.count, recovered=r.recovered)
+        return d
+
+
+def worker_table(directory, worker: int, version: int, *, writer: bool) -> SessionTable | None:
+    """Worker ``worker``'s session table as a process of a build writing ``version`` needs it.
+
+    ``writer=False`` (a candidate or standby): a reader of the live table, which must
+    be of ``version`` (a candidate of another version uses a :class:`TableHandover`).
+    ``writer=True`` (a worker starting): the live table as writer (recovered); if the
+    live table is of another version, its writer must be gone (released or dead), and
+    its sessions are migrated into this version's zone first, which becomes live.
+    None when the instance has no NAT tables.
+    """
+    live = live_table_zone(directory, worker)
+    if live is None:
+        return None
+    zone, v = live
+    if v == version:
+        return table_class(v).attach(zone.view, writer=writer)
+    if not writer:
+        raise registry.SchemaError(f"worker {worker}'s live session table {zone.name} is version {v}, this build writes "
+                                   f"version {version}: it must be migrated (a candidate does that ahead of its swap)")
+    h = TableHandover(directory, worker, version, reuse=True)
+    h.finish(recover=True)
+    h.activate()
+    return table_class(version).attach(h.dst_zone.view, writer=True, recover=False)

@@ -49,6 +49,12 @@ Contract for the shell
 * ``StartCandidate``: launch the candidate of the target version for the unit;
   answer ``CandidateStarted(pid)`` / ``CandidateStartFailed``. Candidate IPC
   reports (``candidate_report {step, detail}``) become ``CandidateReport``.
+* ``CandidateStarted`` may arrive after the exit of that candidate (both race
+  from the shell): an exit report of an unknown pid in ``STARTING`` is kept and
+  fails the unit when its start report comes. A dry run's candidates leave once
+  they reported their zones: not a failure.
+* The primary's swap re-attaches the memory (slower, off the packet path): its
+  deadline is ``swap_primary``.
 * ``ClaimQueue(role, pid, force)``: order that process to claim the queue: for
   the candidate of a swap (or the old process of a rollback) *arm*: spin on
   the word and claim it as soon as it reads unowned (pid 0), then report
@@ -133,7 +139,8 @@ STEP_DEADLINE = {Step.STARTING: "start", Step.SPAWNED: "attach", Step.ATTACHED: 
 PRE_SWAP_STEPS = frozenset({Step.PENDING, Step.STARTING, Step.SPAWNED, Step.ATTACHED, Step.VALIDATED, Step.MIGRATED, Step.WARM, Step.READY})
 KINDS = ("worker", "stats", "primary")
 
-DEFAULT_DEADLINES = {"start": 30.0, "attach": 30.0, "validate": 30.0, "migrate": 300.0, "warm": 60.0, "ready": 60.0, "swap": 2.0, "revert": 2.0, "kill": 5.0}
+DEFAULT_DEADLINES = {"start": 30.0, "attach": 30.0, "validate": 30.0, "migrate": 300.0, "warm": 60.0, "ready": 60.0, "swap": 2.0, "revert": 2.0, "kill": 5.0,
+                     "swap_primary": 10.0}  # the primary's swap re-attaches the memory: slower, and off the packet path
 
 
 # --------------------------------------------------------------------------- config
@@ -241,6 +248,7 @@ class HealthSample:
     drops: int
     errors: int
     heartbeat_age: float
+    detail: str = ""  # e.g. the drop reasons of the window, for the verdict's line
 
 
 @dataclass(frozen=True)
@@ -379,6 +387,7 @@ class Unit:
     health_base: list | None = None
     forced: list = field(default_factory=list)  # queues the old was ordered to claim with force
     retired_pids: list = field(default_factory=list)  # old processes replaced by RestartOld (their exits are stale)
+    early_exits: list = field(default_factory=list)  # candidate pids whose exit was reported before CandidateStarted
 
     def owned_by(self, owner: str) -> list[str]:
         return [q for q in self.queues if OWNER_OF_STAGE[self.stages[q]] == owner]
@@ -436,7 +445,9 @@ class UpgradeMachine:
 
     def status(self) -> dict[str, Any]:
         """For ``supervisorctl upgrade status``."""
-        return {"phase": self.phase.value, "target": self.config.target, "reason": self.reason, "result": self.result, "units": {u.name: {"step": u.step.value, "owners": {q: OWNER_OF_STAGE[u.stages[q]] for q in u.queues}, "zones": u.zones} for u in self.units}}
+        return {"phase": self.phase.value, "target": self.config.target, "reason": self.reason, "result": self.result,
+                "units": {u.name: {"kind": u.kind, "step": u.step.value, "owners": {q: OWNER_OF_STAGE[u.stages[q]] for q in u.queues}, "zones": u.zones,
+                                   "old_pid": u.old_pid, "cand_pid": u.cand_pid, "canary": u.canary} for u in self.units}}
 
     # ------------------------------------------------------------------ serialization
 
@@ -516,6 +527,8 @@ class UpgradeMachine:
 
     def _arm_step(self, u: Unit, now: float, out: list[Action], name: str | None = None) -> None:
         key = name or STEP_DEADLINE.get(u.step)
+        if key == "swap" and u.kind == "primary":
+            key = "swap_primary"
         if key is None:
             self._cancel("u:" + u.name, out)
         else:
@@ -557,6 +570,10 @@ class UpgradeMachine:
         u.cand_pid, u.cand_alive = ev.pid, True
         self._set_step(u, Step.SPAWNED, now, out)
         self._progress(now, f"{u.name}: candidate pid {ev.pid} started", out)
+        if ev.pid in u.early_exits:
+            # Its exit report overtook this one (both race from the shell): it is gone already.
+            u.cand_alive = False
+            self._fail(now, f"{u.name}: candidate pid {ev.pid} exited before it was reported started", out)
 
     def _on_CandidateStartFailed(self, ev: CandidateStartFailed, now: float, out: list[Action]) -> None:
         u = self.unit(ev.unit)
@@ -693,7 +710,7 @@ class UpgradeMachine:
         errors = ev.errors - u.health_base[1]
         bad = []
         if drops > self.config.max_drops:
-            bad.append(f"{drops} drops")
+            bad.append(f"{drops} drops" + (f" ({ev.detail})" if ev.detail else ""))
         if errors > self.config.max_errors:
             bad.append(f"{errors} errors")
         if ev.heartbeat_age > self.config.max_heartbeat_age:
@@ -737,11 +754,16 @@ class UpgradeMachine:
     def _on_ProcessExited(self, ev: ProcessExited, now: float, out: list[Action]) -> None:
         u = self.unit(ev.unit)
         if ev.role == "new":
+            if ev.pid is not None and u.cand_pid is None and u.step is Step.STARTING:
+                u.early_exits.append(ev.pid)  # CandidateStarted for it is still on its way
+                return
             if ev.pid is not None and u.cand_pid is not None and ev.pid != u.cand_pid:
                 return  # a stale candidate
             if not u.cand_alive:
                 return
             u.cand_alive = False
+            if self.config.dry_run and self.phase is Phase.PREPARING and u.step in (Step.VALIDATED, Step.MIGRATED, Step.WARM, Step.READY):
+                return  # a dry-run candidate leaves once it has reported its zones
             if self.phase in (Phase.PREPARING, Phase.SWAPPING, Phase.CANARY, Phase.SWAPPED) :
                 self._fail(now, f"{u.name}: candidate pid {u.cand_pid} exited ({ev.detail or 'no detail'}) in step {u.step.value}", out)
             elif self.phase is Phase.REVERTING:

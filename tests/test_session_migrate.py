@@ -35,7 +35,7 @@ def keys(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _writer(buf: np.ndarray, ctl: np.ndarray, universe: int, seed: int, pause: float) -> None:
     """The old worker: inserts, updates (touch), deletes on the v1 table until told to stop."""
     try:
-        t = SessionTable.attach(buf, writer=True)
+        t = attach_any(buf, writer=True)  # a v1 or a v2 table
         k0, k1 = keys(universe, 1)
         rng = np.random.default_rng(seed)
         v = np.zeros(64, VALUE_DTYPE)
@@ -273,3 +273,203 @@ def test_dead_writer_mid_batch_is_recovered_before_the_delta():
     res = mig.finish()
     assert res.mode == "full" and res.recovered > 0
     assert mig.differences() == []
+
+
+# --------------------------------------------------------------------------- a worker's zones: live table, hand-over
+
+
+class _Zone:
+    def __init__(self, name, layout, view):
+        self.name, self.schema_id, self.version, self.layout_hash, self.view = name, layout.schema_id, layout.version, layout.layout_hash, view
+
+
+class _Directory:
+    """The memzone directory calls the zone code uses (lookup, list, reserve_or_lookup), over shared buffers."""
+
+    def __init__(self) -> None:
+        self.zones: dict[str, _Zone] = {}
+        self.maps: list = []
+
+    def lookup(self, name):
+        return self.zones.get(name)
+
+    def list(self):
+        return list(self.zones.values())
+
+    def reserve_or_lookup(self, name, length, layout):
+        if name in self.zones:
+            return self.zones[name], False
+        mm, buf = shared(length)
+        self.maps.append(mm)
+        z = self.zones[name] = _Zone(name, layout, buf)
+        return z, True
+
+
+def _worker_zone(d: _Directory, n: int, cap: int = 1 << 13):
+    z, _ = d.reserve_or_lookup("nat.w0.in2out", SessionTable.zone_size(cap), LAYOUT)
+    t = SessionTable.create(z.view, cap, seed=5)
+    k = _prefill(t, n)
+    t.release()
+    return z, k
+
+
+def test_the_live_table_is_the_last_activated_and_readers_follow_it():
+    from hotplane.shared.session_migrate import TableHandover, activation, attach_live, live_table_zone, table_verdicts
+
+    d = _Directory()
+    z1, (k0, k1) = _worker_zone(d, 300)
+    assert live_table_zone(d, 0) == (z1, 1) and activation(z1.view) == 0
+    assert table_verdicts(d, 2) == {"nat.w0.in2out": "needs migration"}
+    assert table_verdicts(d, 2, migrates=False) == {"nat.w0.in2out": "compatible"}  # a reader of both versions
+    h = TableHandover(d, 0, 2)
+    h.copy_ahead()
+    h.finish()
+    # Filled and finished, not yet activated: nothing anyone reads has changed.
+    assert live_table_zone(d, 0)[0] is z1
+    h.activate()
+    z2, v = live_table_zone(d, 0)
+    assert (z2.name, v, activation(z2.view)) == ("nat.w0.in2out.v2", 2, 1)
+    assert isinstance(attach_live(d, 0), SessionTableV2) and attach_live(d, 0).count == 300
+    verdicts = table_verdicts(d, 2)
+    assert verdicts["nat.w0.in2out.v2"] == "compatible" and verdicts["nat.w0.in2out"].startswith("superseded: not in use")
+    assert table_verdicts(d, 1)["nat.w0.in2out.v2"] == "needs migration"
+    # Back (a rollback, or a later upgrade to a version-1 build): the v1 zone becomes live again.
+    back = TableHandover(d, 0, 1, reuse=True)
+    assert not back.created  # a past image of the same sessions: only the delta moves
+    back.copy_ahead()
+    back.finish()
+    back.activate()
+    assert live_table_zone(d, 0) == (z1, 1) and activation(z1.view) == 2
+
+
+def test_forward_handover_under_a_live_writer_then_reverse_moves_only_the_delta(writer_proc):
+    from hotplane.shared.session_migrate import TableHandover, live_table_zone
+
+    d = _Directory()
+    z1, (k0, k1) = _worker_zone(d, 3000)
+    mmc, cb = shared(4096)
+    ctl = cb[:64].view(np.uint64)
+    p = writer_proc(z1.view, ctl, 3600)  # the old worker, forwarding
+    while ctl[BATCHES] < 3:
+        time.sleep(0.001)
+    h = TableHandover(d, 0, 2)
+    h.copy_ahead()
+    # The candidate's pipeline on the copy: its per-host session counts follow every later copy.
+    from hotplane.secondary.nat_pipeline import NatPipeline, private_zones
+    from hotplane.shared.nat_clock import ManualClock
+    from hotplane.shared.nat_config import default_config
+
+    zones = private_zones(default_config(), 0, ManualClock(1), table_capacity=1 << 10)
+    zones["in2out"] = h.reader()
+    pipe = NatPipeline(default_config(), 0, zones, ManualClock(1))
+    seen = []
+
+    def on_copy(old, new):
+        seen.append(len(new))
+        pipe.adjust_host_counts(old, new)
+
+    h.mig.on_copy = on_copy
+    t_end = time.monotonic() + 0.3
+    while time.monotonic() < t_end:  # the candidate's poll loop
+        h.poll()
+    h.poll(armed=True)
+    _stop_writer(h.mig, ctl, p)  # the swap: the old worker releases the table
+    res = h.finish()
+    assert h.mig.differences() == [] and res.count == SessionTable.attach(z1.view).count
+    assert seen, "the copies made after copy_ahead were reported (the per-host counts follow them)"
+    tracked = dict(pipe._host_sessions)
+    pipe._rebuild_host_counts()
+    assert tracked == pipe._host_sessions and tracked, "counts kept through the copies == a recount of the table"
+    h.activate()
+    # The candidate writes the v2 table for a while, then a rollback copies back only what changed.
+    t2 = SessionTableV2.attach(h.dst_zone.view, writer=True)
+    nk0, nk1 = keys(40, 77)
+    t2.insert_batch(nk0, nk1, np.zeros(40, VALUE_DTYPE_V2))
+    t2.release()
+    e1, e2 = SessionTable.attach(z1.view).entries, t2.entries
+    changed = int(np.count_nonzero((e1["seq"] != e2["seq"]) | (e1["state"] != e2["state"])))
+    assert 0 < changed <= 40
+    back = TableHandover(d, 0, 1, reuse=True)
+    back.copy_ahead()
+    r = back.finish()
+    assert back.mig.ahead_copied + r.copied == changed, (back.mig.ahead_copied, r.copied, changed)
+    assert back.mig.differences() == []
+    back.activate()
+    assert live_table_zone(d, 0)[1] == 1
+    _, _, hits = SessionTable.attach(z1.view).lookup_consistent(nk0, nk1)
+    assert hits.all()
+
+
+def test_a_worker_starting_migrates_a_stopped_tables_sessions_and_refuses_a_live_writer(writer_proc):
+    from hotplane.shared.session_migrate import live_table_zone, worker_table
+
+    d = _Directory()
+    z1, (k0, k1) = _worker_zone(d, 500)
+    t = worker_table(d, 0, 2, writer=True)  # a v2 worker starting on a v1 instance
+    assert isinstance(t, SessionTableV2) and t.is_writer and t.count == 500 and live_table_zone(d, 0)[1] == 2
+    _, _, hits = t.lookup_consistent(k0, k1)
+    assert hits.all()
+    with pytest.raises(registry.SchemaError):
+        worker_table(d, 0, 1, writer=False)  # a v1 candidate never reads a v2 table as its own
+    # A v1 worker starting while the v2 writer is alive (it must have stopped first): refused.
+    mmc, cb = shared(4096)
+    ctl = cb[:64].view(np.uint64)
+    t.release()
+    p = writer_proc(live_table_zone(d, 0)[0].view, ctl, 600)
+    while ctl[BATCHES] < 1:
+        time.sleep(0.001)
+    # The v1 zone is this worker's own (a past image), the v2 writer still runs.
+    with pytest.raises(NotQuiescent):
+        worker_table(d, 0, 1, writer=True).release()
+    ctl[STOP] = 1
+    p.join(10)
+    t1 = worker_table(d, 0, 1, writer=True)
+    assert live_table_zone(d, 0)[1] == 1 and t1.count == SessionTableV2.attach(d.lookup("nat.w0.in2out.v2").view).count
+    assert t1.audit() == []
+
+
+def test_a_v2_pipeline_counts_the_reply_directions_bytes_per_session():
+    """NAT on a version-2 table keeps ``bytes_in`` for real: bytes received on the outside port."""
+    from hotplane.secondary.nat_pipeline import INSIDE, OUTSIDE, NatPipeline, private_zones
+    from hotplane.shared.nat_clock import ManualClock
+    from hotplane.shared.nat_config import default_config
+    from hotplane.shared.packet import build_arp_reply, build_ipv4_udp, parse_frame
+
+    cfg = default_config()
+    clock = ManualClock(100)
+    zones = private_zones(cfg, 0, clock, table_capacity=1 << 12)
+    cap = 1 << 12
+    mm, b = shared(SessionTableV2.zone_size(cap))
+    zones["in2out"] = SessionTableV2.create(b, cap, seed=1)
+    p = NatPipeline(cfg, 0, zones, clock)
+    gw_in, gw_out = p.own_mac
+    host, peer = bytes.fromhex("020000aa0001"), bytes.fromhex("020000aa0002")
+    inside, remote = p.own_ip[0] + 1, p.own_ip[1] + 1
+
+    def burst(frames):
+        buf = np.zeros((len(frames), 256), np.uint8)
+        for i, f in enumerate(frames):
+            buf[i, : len(f)] = np.frombuffer(f, np.uint8)
+        return buf, np.array([len(f) for f in frames], np.uint32), np.ones(len(frames), bool)
+
+    out = [build_ipv4_udp(host, gw_in, inside, remote, 30000 + i, 53, b"q" * 10) for i in range(4)]
+    frames, lengths, valid = burst(out)
+    p.process(INSIDE, frames, lengths, valid)
+    p.process(OUTSIDE, *burst([build_arp_reply(peer, remote, gw_out, p.own_ip[1])]))
+    frames, lengths, valid = burst(out)
+    sent, _ = p.process(INSIDE, frames, lengths, valid)
+    replies = []
+    for i in sent.tolist():
+        r = parse_frame(frames[i, : int(lengths[i])].tobytes())
+        replies.append(build_ipv4_udp(peer, gw_out, int(r["dst"]), int(r["src"]), int(r["dport"]), int(r["sport"]), b"r" * 100))
+    assert len(replies) == 4
+    p.process(OUTSIDE, *burst(replies))
+    p.process(INSIDE, *burst([build_arp_reply(host, inside, gw_in, p.own_ip[0])]))
+    p.process(OUTSIDE, *burst(replies))
+    p.flush()
+    e = p.in2out.entries
+    live = (e["state"] == USED) & (e["flags"] == 0)
+    assert live.sum() == 4
+    out_ip, in_ip = 20 + 8 + 10, 20 + 8 + 100  # IPv4 total lengths
+    assert (e["bytes_in"][live] == 2 * in_ip).all(), e["bytes_in"][live]
+    assert (e["bytes"][live] - e["bytes_in"][live] == 2 * out_ip).all(), (e["bytes"][live], e["bytes_in"][live])
