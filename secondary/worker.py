@@ -15,12 +15,15 @@ Every worker serves an upgrade control socket,
 ``<runtime>/upgrade/w<pid>.sock`` (a thread; the poll loop sees a command
 with one load per iteration, at a burst boundary). Requests:
 
-* ``release {queue}``: finish the burst, stop polling and ticking (TX is
-  already flushed: every burst rings its doorbell), give up the session
-  tables' writer role, then release both ownership words (a unit's queues
-  move together: the session tables do). Stamps ``old_last_burst_ns``,
-  ``released_ns`` and ``old_token`` in ``upgrade_control``. The worker
-  stays parked: alive, not polling, not beating, until told otherwise.
+* ``release {queue}``: one last burst (what arrived meanwhile), stop polling
+  and ticking (TX is already flushed: every burst rings its doorbell), give
+  up the session tables' writer role, then release both ownership words (a
+  unit's queues move together: the session tables do). Stamps
+  ``old_last_burst_ns``, ``released_ns`` and ``old_token`` in
+  ``upgrade_control``. The worker stays parked: alive, not polling, not
+  beating, until told otherwise.
+* ``arm {queue}``: start spinning on the word now and answer at once (the
+  supervisor orders the old owner's release only once its successor spins).
 * ``claim {queue, force}``: armed, spin on the ownership word and claim it
   the moment its owner pid reads 0 (``force``: claim now, the generation
   fences whoever held it). Once the worker holds all its queues it takes the
@@ -34,6 +37,17 @@ with one load per iteration, at a burst boundary). Requests:
 build's schema registry, migrate the session tables if this build's layout
 differs (``HOTPLANE_SESSION_VERSION``), warm up, report each step to the
 supervisor (``candidate_report``), then wait for ``claim``.
+
+Session-table migration (``shared/session_migrate.TableHandover``): a
+candidate whose build writes another layout version copies the old worker's
+live table into its version's zone ahead of the swap (``migrated``), follows
+the old writer's journal from its parked loop, runs the delta once the old
+worker has let go of the table (before claiming: its words read free only
+after that), and makes the copy the live table inside its first pass holding
+both queues. A parked old worker told to claim while another version's table
+is live (a rollback after a migration) copies it back into its own table
+the same way. A worker starting while another version's table is live (its
+writer gone) migrates it at start (``session_table_for``).
 """
 
 from __future__ import annotations
@@ -50,7 +64,10 @@ import numpy as np
 
 from hotplane import __version__
 from hotplane.schema.counters import WORKER_COUNTERS
-from hotplane.shared.burst import rx_burst, rx_release, tx_burst
+from hotplane.shared.af_packet import collect_kernel_drops
+from hotplane.secondary.burst_pass import run_burst
+from hotplane.shared import burst_journal
+from hotplane.shared.burst import tx_burst
 from hotplane.shared.counters import CounterBlocks
 from hotplane.shared.eal import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, parse_or_exit
 from hotplane.shared.instance import InstanceError, eal_init
@@ -59,9 +76,11 @@ from hotplane.shared.ready import report_ready
 
 EXIT_FENCED = 3  # another process owns our queue now: exit without touching it
 
+MAX_BURST = 512  # --burst limit (the burst journal counts to 1023)
 IDLE_SLEEP_MIN = 20e-6
 IDLE_SLEEP_MAX = 1e-3
 TICK_INTERVAL = 0.01
+PARKED_WAIT = 0.05  # longest sleep of a parked worker between looks at its stop flag
 
 
 def _mac(s: str) -> bytes:
@@ -98,8 +117,8 @@ def af_packet_fds(inst):
     return fetch
 
 
-def make_pipeline(cfg: dict, worker_id: int, inst):
-    """The pipeline the instance is configured for."""
+def make_pipeline(cfg: dict, worker_id: int, inst, in2out=None):
+    """The pipeline the instance is configured for (``in2out``: the NAT session table object to use)."""
     kind = cfg.get("pipeline", "forward")
     if kind == "forward":
         from hotplane.secondary.forward import ForwardPipeline
@@ -108,7 +127,7 @@ def make_pipeline(cfg: dict, worker_id: int, inst):
     if kind == "nat":
         from hotplane.secondary.nat_pipeline import build_pipeline
 
-        return build_pipeline(cfg, worker_id, inst)
+        return build_pipeline(cfg, worker_id, inst) if in2out is None else build_pipeline(cfg, worker_id, inst, in2out=in2out)
     raise InstanceError(f"unknown pipeline {kind!r}")
 
 
@@ -158,7 +177,7 @@ class _ReadersOnly:
 class Worker:
     """One worker's state: its two queues, its counter block, its pipeline, its upgrade role."""
 
-    def __init__(self, inst, cfg: dict, worker_id: int, *, candidate: bool = False) -> None:
+    def __init__(self, inst, cfg: dict, worker_id: int, *, candidate: bool = False, handover=None) -> None:
         from hotplane.shared.ports import port_queue
 
         self.inst = inst
@@ -171,12 +190,16 @@ class Worker:
         z = inst.directory.lookup_checked("counters", WORKER_COUNTERS)
         self.counters = CounterBlocks.attach(z.view).block(worker_id)
         self.tables: list = []  # session tables whose writer role moves with the queues
+        # A session-table migration (shared/session_migrate.TableHandover) this worker finishes
+        # before it claims its queues: a candidate's copy of the live table of another layout version.
+        self.handover = handover
+        in2out = session_table_for(inst, cfg, worker_id, candidate=candidate, handover=handover)
         if candidate:
             with _ReadersOnly() as ro:
-                self.pipeline = make_pipeline(cfg, worker_id, inst)
+                self.pipeline = make_pipeline(cfg, worker_id, inst, in2out)
             self.tables = ro.wanted
         else:
-            self.pipeline = make_pipeline(cfg, worker_id, inst)
+            self.pipeline = make_pipeline(cfg, worker_id, inst, in2out)
             self.tables = [t for t in (getattr(self.pipeline, "in2out", None), getattr(self.pipeline, "out2in", None)) if t is not None and getattr(t, "is_writer", False)]
         self.stop = False
         # (ownership word, token) of every owned queue: a pass marks them busy (queue_owner.enter).
@@ -184,9 +207,16 @@ class Worker:
         # Upgrade role: queue name -> (queue, token) while owned; requests from the control thread.
         self.queues = {f"inside/{worker_id}": self.inq, f"outside/{worker_id}": self.outq}
         self.words = {name: owner_word(q.words) for name, q in self.queues.items()}
+        # Private burst copies, one per direction, allocated once. Their rows are 8-byte multiples
+        # (an RX slot's data view, frame_size - 66, is not), which the NAT fast path needs to view
+        # headers as words: on the RX slots themselves it could never run.
+        self.scratch = [np.empty((MAX_BURST, -(-q.rx.rx_data.shape[1] // 8) * 8), np.uint8) for q in (self.inq, self.outq)]
+        self._taken_over: dict[str, int] = {}  # queue -> the pid it was taken from (dead, or fenced out)
+        self._process = [lambda f, l, v, d=d: self.pipeline.process(d, f, l, v) for d in (0, 1)]
         self.owned: dict[str, int] = {}
         self.parked = candidate
         self.inbox: collections.deque = collections.deque()
+        self.wake = threading.Event()  # set by post(): a parked worker sleeps on it
         self.armed: dict[str, list] = {}  # queue -> [force, deadline, replies]
         self.release_replies: list = []
         self.last_pass_ns = 0
@@ -195,11 +225,16 @@ class Worker:
         self.ctl = None
         self.upc = None  # upgrade_control records (None until an upgrade created the zone)
         self._pending_claim_replies: list = []
+        # Per-host session counts kept exact through the migration's copies (no O(table) rebuild at the swap).
+        self.host_counts_tracked = False
+        if handover is not None and hasattr(self.pipeline, "adjust_host_counts"):
+            handover.mig.on_copy = self.pipeline.adjust_host_counts
+            self.host_counts_tracked = True
+        self.migrated: dict | None = None  # figures of the last migration this worker finished
 
     # ------------------------------------------------------------------ ownership
 
     def claim_queues(self) -> None:
-        from hotplane.shared.burst import reconcile
         from hotplane.shared.queue_owner import owner_of
 
         taken_from: dict[str, int] = {}
@@ -211,17 +246,34 @@ class Worker:
         self._sync_tokens()
         if not taken_from:
             return
-        # The previous owner died holding the queue: repair its cursors, inside a pass like every write.
+        # The previous owner died holding the queue: finish its burst and repair its cursors,
+        # inside a pass like every write.
         if not self.enter_pass():
             raise QueueBusy("queues fenced right after the claim")
         try:
-            for name, prev_pid in taken_from.items():
-                q = self.queues[name]
-                moved = reconcile(q)
-                if moved["rx"] or moved["tx"]:
-                    print(f"worker {self.id}: queue {q.qid} taken over from dead pid {prev_pid}: cursors repaired {moved}", file=sys.stderr)
+            self._repair(taken_from)
         finally:
             self.leave_pass()
+
+    def _repair(self, taken_from: dict[str, int]) -> None:
+        """As the new owner of both queues: finish the burst a previous owner journaled, then fix its cursors.
+
+        Both journals are finished first: a burst received on one queue may have staged frames
+        on the other's TX ring.
+        """
+        from hotplane.shared.burst import reconcile
+
+        pairs = ((self.inq, self.outq), (self.outq, self.inq))
+        for rxq, otherq in pairs:
+            done = burst_journal.recover(rxq, otherq)
+            if done["state"]:
+                print(f"worker {self.id}: queue {rxq.qid}: finished the burst of {done['rx_released']} frame(s) a previous owner "
+                      f"left in flight ({done['tx_published']} TX slot(s) published for it)", file=sys.stderr)
+        for name, prev_pid in taken_from.items():
+            q = self.queues[name]
+            moved = reconcile(q)
+            if moved["rx"] or moved["tx"]:
+                print(f"worker {self.id}: queue {q.qid} taken over from pid {prev_pid}: cursors repaired {moved}", file=sys.stderr)
 
     def _sync_tokens(self) -> None:
         self.tokens = [(self.words[n], t) for n, t in self.owned.items()]
@@ -281,6 +333,7 @@ class Worker:
     def post(self, op: str, params: dict, reply) -> None:
         """From the control thread: queue a request; ``reply(result_or_exception)`` answers it."""
         self.inbox.append((op, params, reply))
+        self.wake.set()
 
     def _service(self) -> None:
         """Handle the queued control requests (called at a burst boundary)."""
@@ -291,18 +344,26 @@ class Worker:
                     if self.owned:
                         self.park()
                     reply({"released": params.get("queue"), "pid": os.getpid()})
-                elif op == "claim":
+                elif op in ("claim", "arm"):
+                    # arm: spin on the word from now on and answer at once (the supervisor orders the
+                    # old owner's release only then); claim: answer when the claim has landed.
                     q = params.get("queue")
                     if q not in self.queues:
                         raise ValueError(f"no queue {q!r} here (have {', '.join(self.queues)})")
                     if q in self.owned and still_mine(self.words[q], self.owned[q]):
                         reply({"claimed": q, "pid": os.getpid(), "already": True})
                         continue
+                    if self.parked:
+                        self._prepare_takeover()
+                        self._upc_record(q)  # attached now, not in the swap
                     deadline = time.monotonic() + float(params.get("timeout", 5.0))
                     ent = self.armed.setdefault(q, [False, deadline, []])
                     ent[0] = ent[0] or bool(params.get("force"))
                     ent[1] = max(ent[1], deadline)
-                    ent[2].append(reply)
+                    if op == "arm":
+                        reply({"armed": q, "pid": os.getpid()})
+                    else:
+                        ent[2].append(reply)
                 elif op in ("park", "commit"):
                     reply({"ok": True, "op": op, "parked": self.parked})
                 elif op == "exit":
@@ -335,7 +396,7 @@ class Worker:
         """Take the session tables' writer role back (after the previous writer released it)."""
         p = self.pipeline
         if hasattr(p, "resume"):
-            p.resume()
+            p.resume(rebuild_host_counts=False) if self.host_counts_tracked else p.resume()
             return
         for t in self.tables:
             if not t.is_writer:
@@ -346,10 +407,22 @@ class Worker:
             p.sweeper.cursor = int(zh["expiry_cursor"][0]) % p.sweeper.capacity
 
     def park(self) -> None:
-        """The old side of a swap: stop at this burst boundary, release tables then queues."""
-        last = self.last_pass_ns or time.monotonic_ns()
+        """The old side of a swap: one last burst, then release tables then queues (one pass).
+
+        The last burst takes what arrived since the previous pass (the release order waited
+        in the inbox meanwhile), so the queues are handed over drained and the swap gap runs
+        from this burst, not from an idle sleep before it.
+        """
+        for name in self.owned:
+            self._upc_record(name)  # attached now, not between the last burst and the release
         if not self.enter_pass():
             raise QueueBusy("this worker's queues were fenced: nothing to release")
+        try:
+            self.poll_once(MAX_BURST)
+        except BaseException:
+            self.leave_pass()  # still the owner: the loop goes on as if no release was asked
+            raise
+        last = time.monotonic_ns()
         self.suspend_tables()
         for name, tok in list(self.owned.items()):
             self._stamp(name, old_last_burst_ns=last, old_token=tok)
@@ -366,9 +439,10 @@ class Worker:
         now = time.monotonic()
         for name in list(self.armed):
             force, deadline, replies = self.armed[name]
-            q = self.queues[name]
             pid, _ = owner_of(self.words[name])
             if pid == 0 or force or pid == os.getpid():
+                if not self._sessions_ready():
+                    continue  # the live table's writer has not let go of it yet
                 try:
                     tok = claim(self.words[name], force=True)
                 except QueueBusy:
@@ -381,11 +455,9 @@ class Worker:
                 if not enter(self.words[name], tok):
                     continue  # fenced between the claim and the mark: it is not ours after all
                 self._stamp(name, claimed_ns=time.monotonic_ns(), new_token=tok)
-                if pid and pid != os.getpid():
-                    from hotplane.shared.burst import reconcile
-
-                    reconcile(q)  # a forced claim over a hung or dead owner: repair its cursors
                 leave(self.words[name], tok)
+                if pid and pid != os.getpid():
+                    self._taken_over[name] = pid  # a forced claim over a dead owner: repaired once both are ours
                 self.owned[name] = tok
                 del self.armed[name]
                 self._sync_tokens()
@@ -396,6 +468,11 @@ class Worker:
                     r(TimeoutError(f"{name}: still owned by pid {pid} after the claim deadline"))
         if len(self.owned) == len(self.queues) and self.parked and self.enter_pass():
             try:
+                if self._taken_over:
+                    self._repair(self._taken_over)
+                    self._taken_over = {}
+                if self.handover is not None:
+                    self._activate_sessions()
                 self.resume_tables()
                 self.parked = False
                 # Counters continue (no reset, no restart counted); the block shows who writes it now.
@@ -403,10 +480,75 @@ class Worker:
                 self.first_burst_due = True
             finally:
                 self.leave_pass()
-        if self._pending_claim_replies and not self.parked:
+        if self._pending_claim_replies and not self.parked and not self.first_burst_due:
+            self._answer_claims()
+
+    def _answer_claims(self) -> None:
+        """Tell whoever asked that the claims landed (after the first burst: the answers wake the
+        control thread, which must not compete with that burst for the interpreter)."""
+        if self._pending_claim_replies:
             for r in self._pending_claim_replies:
                 r({"claimed": True, "pid": os.getpid()})
             self._pending_claim_replies.clear()
+
+    # ------------------------------------------------------------------ session-table migration
+
+    def _prepare_takeover(self) -> None:
+        """A claim reached this parked worker: if another layout version's table is live now (a
+        rollback after a migration), copy it back into this worker's own table ahead of the swap."""
+        if self.handover is not None or getattr(self.pipeline, "in2out", None) is None:
+            return
+        from hotplane.shared.session_migrate import TableHandover
+
+        if needs_migration(self.inst.directory, self.id):
+            h = TableHandover(self.inst.directory, self.id, session_version(), reuse=True)
+            h.copy_ahead()  # parked, not forwarding: the full pass costs nobody a packet
+            h.mig.catch_up()  # the delta's code path once, before the swap needs it
+            self.handover = h
+
+    def _sessions_ready(self) -> bool:
+        """Before a claim: the table this worker writes holds every session (the migration's delta ran).
+
+        False while the live table's writer still runs (it releases the table before
+        its queues, so this passes as soon as a word reads free). A migration that
+        fails answers the armed claims with the error: the swap does not happen.
+        """
+        h = self.handover
+        if h is None or h.result is not None:
+            return True
+        from hotplane.shared.session_migrate import NotQuiescent
+
+        try:
+            h.finish(recover=True)
+            return True
+        except NotQuiescent:
+            return False
+        except Exception as e:  # noqa: BLE001 - the upgrade machine decides what follows
+            print(f"worker {self.id}: session table migration {h.describe} failed: {e}", file=sys.stderr)
+            for _, _, replies in self.armed.values():
+                for r in replies:
+                    r(RuntimeError(f"session table migration {h.describe} failed: {e}"))
+            self.armed.clear()
+            self.handover = None
+            self.host_counts_tracked = False
+            return False
+
+    def _activate_sessions(self) -> None:
+        """Holding both queues (inside the pass): the migrated table becomes the live one."""
+        h = self.handover
+        h.activate()
+        r = h.result
+        for name in self.owned:
+            self._stamp(name, delta_entries=min(r.copied, 0xFFFFFFFF), delta_us=min(r.pause_ns // 1000, 0xFFFFFFFF))
+        self.migrated = {"handover": h}  # summarised after the first burst (never in the swap gap)
+        self.handover = None
+
+    def _log_migration(self) -> None:
+        """After the first burst (never in the swap gap): what the migration did."""
+        d = self.migrated = self.migrated.pop("handover").summary()
+        d["logged"] = True
+        print(f"worker {self.id}: sessions moved {d['from']} -> {d['to']}: {d.get('sessions')} sessions, {d.get('copied_ahead')} copied ahead, "
+              f"delta {d.get('delta_copied')} ({d.get('mode')}, {d.get('pause_us')} us)", file=sys.stderr)
 
     def _send_emitted(self) -> None:
         p = self.pipeline
@@ -429,12 +571,13 @@ class Worker:
         p = self.pipeline
         c = self.counters
         for direction, rxq, otherq in ((0, self.inq, self.outq), (1, self.outq, self.inq)):
-            b = rx_burst(rxq, max_burst)
-            n = b.n
-            if n == 0:
+            done = run_burst(rxq, otherq, self._process[direction], self.scratch[direction], max_burst)
+            if done is None:
                 continue
+            b, to_other, to_same, ko, ks = done
+            n, lengths = b.n, b.lengths
             total += n
-            frames, lengths = b.frames, b.lengths
+            # The books, once the burst is done.
             c.count_rx(n, int(lengths.sum()))
             if not b.all_valid:
                 from hotplane.secondary.forward import RX_TO_COUNTER
@@ -442,22 +585,12 @@ class Worker:
                 for reason, cnt in zip(RX_TO_COUNTER, b.drops.tolist()):
                     if cnt:
                         c.count_drop(int(reason), cnt)
-            to_other, to_same = p.process(direction, frames, lengths, b.valid)
-            sent_bytes = 0
-            sent = 0
-            if to_other.size:
-                k = tx_burst(otherq, frames[to_other], lengths[to_other])
-                sent += k
-                sent_bytes += int(lengths[to_other[:k]].sum())
-                if k < to_other.size:
-                    c.count_drop(_TX_FULL, to_other.size - k)
-            if to_same.size:
-                k = tx_burst(rxq, frames[to_same], lengths[to_same])
-                sent += k
-                sent_bytes += int(lengths[to_same[:k]].sum())
-                if k < to_same.size:
-                    c.count_drop(_TX_FULL, to_same.size - k)
-            rx_release(rxq, b)
+            sent = ko + ks
+            sent_bytes = (int(lengths[to_other[:ko]].sum()) if ko else 0) + (int(lengths[to_same[:ks]].sum()) if ks else 0)
+            if ko < to_other.size:
+                c.count_drop(_TX_FULL, to_other.size - ko)
+            if ks < to_same.size:
+                c.count_drop(_TX_FULL, to_same.size - ks)
             # A frame that found no TX slot was counted as forwarded by the pipeline and
             # as a tx_ring_full drop above: take it out of forwarded so the books balance.
             lost_tx = (to_other.size + to_same.size) - sent
@@ -483,8 +616,15 @@ class Worker:
                 self._spin_claims()
             if self.parked:
                 # Not polling, not ticking, not beating (the block's writer is the successor).
+                if self.handover is not None:
+                    self.handover.poll(armed=bool(self.armed))  # the migration follows the live table's writer
                 if self.armed:
                     os.sched_yield()  # spinning on the ownership word: take over within microseconds
+                elif self.handover is None:
+                    # Parked with nothing to follow (e.g. a hot standby, for hours): asleep until a
+                    # control request arrives (post() sets wake; the inbox is checked after clear()).
+                    self.wake.wait(PARKED_WAIT)
+                    self.wake.clear()
                 else:
                     time.sleep(IDLE_SLEEP_MIN * 10)
                 continue
@@ -499,11 +639,15 @@ class Worker:
                     self.first_burst_due = False
                     for name in self.owned:
                         self._stamp(name, new_first_burst_ns=now_ns)
-                    if hasattr(self.pipeline, "_rebuild_host_counts"):
+                    self._answer_claims()
+                    if hasattr(self.pipeline, "_rebuild_host_counts") and not self.host_counts_tracked:
                         self.pipeline._rebuild_host_counts()  # per-host limits from the table as handed over
+                    if self.migrated is not None and not self.migrated.get("logged"):
+                        self._log_migration()
                 now = now_ns / 1e9
                 c.beat(now_ns)
                 if now >= next_tick:
+                    collect_kernel_drops(self.inq, self.outq)  # af_packet: PACKET_STATISTICS -> kernel_drops (owner only)
                     self.pipeline.tick(now)
                     if self.pipeline.emit:
                         self._send_emitted()
@@ -607,18 +751,67 @@ def report_candidate(name: str, step: str, detail: dict | None = None) -> None:
     print(f"CANDIDATE {name} {step}", flush=True)
 
 
-def validate_zones(directory) -> dict[str, str]:
-    """Every zone as this build sees it: compatible / needs migration / refused: why."""
-    from hotplane.schema import registry
+def validate_zones(directory, *, migrates: bool = True) -> dict[str, str]:
+    """Every zone as this build sees it: compatible / needs migration / refused: why.
 
-    want_session = session_version()
+    Session tables (schema id 4): the live one of each worker against the version
+    this build writes (``migrates=False``: a process that only reads them); a
+    superseded one is reported as not in use.
+    """
+    from hotplane.schema import registry
+    from hotplane.shared.session_migrate import table_verdicts
+
+    tables = table_verdicts(directory, session_version(), migrates=migrates)
     out = {}
     for z in directory.list():
-        target = want_session if z.schema_id == 4 else None
-        out[z.name] = registry.compatibility(z.schema_id, z.version, z.layout_hash, target)
-        if z.schema_id == 4 and out[z.name] == "needs migration":
-            out[z.name] = "refused: session table migration in a worker is not wired to the NAT pipeline yet"
+        out[z.name] = tables.get(z.name) or registry.compatibility(z.schema_id, z.version, z.layout_hash, None)
     return out
+
+
+def start_migration(inst, cfg: dict, worker_id: int):
+    """A candidate's copy-ahead of its worker's live session table into this build's version
+    (the old worker keeps forwarding); None if the table is already at this version."""
+    if cfg.get("pipeline") != "nat" or not needs_migration(inst.directory, worker_id):
+        return None
+    from hotplane.schema.registry import SchemaError
+    from hotplane.shared.memzone import MemzoneError
+    from hotplane.shared.session_migrate import NotQuiescent, TableHandover
+
+    try:
+        h = TableHandover(inst.directory, worker_id, session_version())
+        h.copy_ahead()
+    except (NotQuiescent, SchemaError, MemzoneError) as e:
+        raise InstanceError(f"worker {worker_id}: session table migration: {e}") from None
+    return h
+
+
+def needs_migration(directory, worker_id: int) -> bool:
+    """Is worker ``worker_id``'s live session table of another layout version than this build writes?"""
+    from hotplane.shared.session_migrate import live_table_zone
+
+    live = live_table_zone(directory, worker_id)
+    return live is not None and live[1] != session_version()
+
+
+def session_table_for(inst, cfg: dict, worker_id: int, *, candidate: bool, handover=None):
+    """The NAT session table object the pipeline of this worker uses (None: not a NAT instance).
+
+    A candidate reads (the writer role moves at the swap): the migration's destination
+    if it migrates, else the live table. A worker starting takes the live table as
+    writer, migrating it first when it is of another version (its writer must be gone).
+    """
+    if cfg.get("pipeline") != "nat":
+        return None
+    if handover is not None:
+        return handover.reader()
+    from hotplane.schema.registry import SchemaError
+    from hotplane.shared.memzone import MemzoneError
+    from hotplane.shared.session_migrate import NotQuiescent, worker_table
+
+    try:
+        return worker_table(inst.directory, worker_id, session_version(), writer=not candidate)
+    except (NotQuiescent, SchemaError, MemzoneError) as e:
+        raise InstanceError(f"worker {worker_id}: session table: {e}") from None
 
 
 def session_version() -> int:
@@ -637,7 +830,14 @@ def warm_up(w: Worker) -> None:
             t.lookup_batch(k, k)
         except Exception:
             pass
-    rx_burst.__call__  # imported and resolved
+    if hasattr(w.pipeline, "in2out"):
+        # The NAT code paths once on a private copy: their first-call costs stay out of the swap gap.
+        from hotplane.secondary.warmup import prime_live, warm_nat
+
+        warm_nat(w.pipeline)
+        prime_live(w.pipeline)
+    if w.handover is not None:
+        w.handover.mig.catch_up()  # the swap-time delta's code path, once, ahead of the swap
 
 
 from hotplane.schema.counters import DROP_REASONS  # noqa: E402
@@ -674,7 +874,13 @@ def main(argv: list[str]) -> int:
             report_candidate(name, "validated", {"zones": zones})
             if app.dry_run or any(v.startswith("refused") for v in zones.values()):
                 return EXIT_OK
-        w = Worker(inst, cfg, app.id, candidate=app.candidate)
+            handover = None
+            # Only an upgrade's candidate migrates (the shell names the process it replaces); a hot
+            # standby of another build than the live table's cannot stand by, and says so below.
+            if any(v == "needs migration" for v in zones.values()) and os.environ.get("HOTPLANE_UPGRADE_OLD_PID"):
+                handover = start_migration(inst, cfg, app.id)
+                report_candidate(name, "migrated", handover.summary() if handover is not None else {"table": "already at this build's version"})
+        w = Worker(inst, cfg, app.id, candidate=app.candidate, handover=handover if app.candidate else None)
         w.ctl = ControlServer(w, control_socket_path(inst.runtime_dir, os.getpid()))
         w.ctl.start()
         if not app.candidate:
@@ -691,6 +897,13 @@ def main(argv: list[str]) -> int:
     try:
         if app.candidate:
             warm_up(w)
+            if w.handover is not None:
+                # The writer went on while we warmed up: follow it until the copy is current and every
+                # batch since is tracked, so the swap-time delta compares tracked slots only.
+                deadline = time.monotonic() + 300
+                w.handover.mig.track()  # notices any batch the warm-up missed
+                while not w.handover.mig.covered and time.monotonic() < deadline:
+                    w.handover.poll()
             report_candidate(name, "warm")
             report_candidate(name, "ready", {"control": str(w.ctl.path)})
         else:
