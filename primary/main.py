@@ -64,6 +64,20 @@ def app_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interface_mac(iface: str) -> str | None:
+    """The interface's MAC address as aa:bb:..., or None if it cannot be read."""
+    import socket
+
+    from hotplane.shared.af_packet import interface_info
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            mac = interface_info(s, iface).mac
+    except Exception:
+        return None
+    return mac.hex(":") if isinstance(mac, (bytes, bytearray)) else str(mac)
+
+
 class Primary:
     """What the primary holds: zones, af_packet sockets, and its answers to secondaries."""
 
@@ -158,15 +172,30 @@ class Primary:
                 if afp_handed[str(spec)][0].mac and not any(m.startswith(f"{role}_gw=") for m in self.app.mac):
                     self.macs[f"{role}_gw"] = afp_handed[str(spec)][0].mac
             else:
+                from hotplane.primary import afp_reclaim
                 from hotplane.shared.af_packet import open_af_packet_queues
 
-                ports.reserve_af_packet_state(d, spec)
-                o = spec.options
-                self.afp_queues[str(spec)] = open_af_packet_queues(
-                    spec.name, spec.queues, o["steer"], ports.ring_params_for(spec), port_lo=o.get("port_lo", 1024), block=o.get("block"))
+                state, created = ports.reserve_af_packet_state(d, spec)
                 role = "inside" if spec is self.inside else "outside"
-                mac = self.afp_queues[str(spec)][0].mac
-                if not any(m.startswith(f"{role}_gw=") for m in self.app.mac):
+                # Restarted: the workers still hold the port's sockets; take copies back instead of
+                # forming a second fanout group (primary/afp_reclaim.py).
+                reclaimed = None if created else afp_reclaim.reclaim(self.inst.runtime_dir, spec, state, _interface_mac(spec.name))
+                if reclaimed is not None:
+                    self.afp_queues[str(spec)] = reclaimed
+                    print(f"primary: {spec}: took its {len(reclaimed)} queue socket(s) back from the workers holding them", file=sys.stderr)
+                    mac = reclaimed[0].mac
+                else:
+                    o = spec.options
+                    self.afp_queues[str(spec)] = open_af_packet_queues(
+                        spec.name, spec.queues, o["steer"], ports.ring_params_for(spec), port_lo=o.get("port_lo", 1024), block=o.get("block"))
+                    mac = self.afp_queues[str(spec)][0].mac
+                    if not created:
+                        asked = afp_reclaim.retire_old_holders(self.inst.runtime_dir, spec)
+                        if asked:
+                            print(f"primary: ERROR: {spec}: some queue sockets of the running group have no live holder, so its "
+                                  f"steering cannot be kept; opened a new group and asked pid(s) {asked} holding old sockets to "
+                                  "exit (their supervisor restarts them on the new ones)", file=sys.stderr)
+                if mac and not any(m.startswith(f"{role}_gw=") for m in self.app.mac):
                     self.macs[f"{role}_gw"] = mac.hex(":") if isinstance(mac, (bytes, bytearray)) else str(mac)
         if self.app.pipeline == "nat":
             from hotplane.primary.nat_zones import reserve_nat_zones

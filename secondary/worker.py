@@ -183,7 +183,17 @@ class Worker:
         self.inst = inst
         self.id = worker_id
         self.candidate = candidate
-        fetch = af_packet_fds(inst)
+        from_primary = af_packet_fds(inst)
+        # (port, queue) -> (fd, ring params) of the af_packet sockets this worker holds: a
+        # restarted primary takes copies back (primary/afp_reclaim.py), so the kernel keeps
+        # steering into the same fanout group.
+        self.afp_sockets: dict[tuple[str, int], tuple[int, dict]] = {}
+
+        def fetch(spec: str, qid: int):
+            fd, params = from_primary(spec, qid)
+            self.afp_sockets[(spec, qid)] = (fd, params)
+            return fd, params
+
         self.inq, self._keep_in = port_queue(inst.directory, cfg["inside"], worker_id, fds_from=fetch)
         self.outq, self._keep_out = port_queue(inst.directory, cfg["outside"], worker_id, fds_from=fetch)
         self.nq = int(cfg["workers"])
@@ -712,6 +722,12 @@ class ControlServer:
 
         async def handle(channel, request):
             params = request.params if isinstance(request.params, dict) else {}
+            if request.method == "af_packet_socket":
+                # A copy of a socket we hold, for a restarted primary: nothing of the poll loop's.
+                held = self.worker.afp_sockets.get((str(params.get("port")), int(params.get("queue", -1))))
+                if held is None:
+                    raise ipc.RemoteError("not_found", f"worker {self.worker.id} holds no socket of {params.get('port')}#{params.get('queue')}")
+                return {"ring_params": held[1]}, (held[0],)
             fut = loop.create_future()
 
             def reply(res, fut=fut):

@@ -105,9 +105,9 @@ def test_ci_chaos_run_every_process_kind(inst) -> None:
         assert v["p50_s"] <= v["p99_s"] <= v["max_s"], (kind, v)
 
 
-BROKEN_FROM = "            tok = claim(q.words, prefix=self.inst.prefix)\n            self.owned[name] = tok\n"
-BROKEN_TO = ("            tok = claim(q.words, prefix=self.inst.prefix)\n            self.owned[name] = tok\n"
-             "            q.words[1] = int(q.rx._peer[0])  # BROKEN (test): start at the ring's head, not the saved cursor\n")
+BROKEN_FROM = "            self.owned[name] = claim(self.words[name], prefix=self.inst.prefix)\n"
+BROKEN_TO = (BROKEN_FROM + "            self.queues[name].words[1] = int(self.queues[name].rx._peer[0])"
+             "  # BROKEN (test): start at the ring's head, not the saved cursor\n")
 
 
 @pytest.mark.timeout(200)
