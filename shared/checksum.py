@@ -9,7 +9,8 @@ Three flavours live here:
   :func:`pseudo_header_sum`), vectorized with numpy;
 * the incremental update of a checksum when one 16- or 32-bit field changes,
   vectorized over arrays of old and new values (:func:`csum_replace16`,
-  :func:`csum_replace32`), plus :func:`udp_csum_fixup` for UDP's special zero.
+  :func:`csum_replace32`), plus :func:`udp_csum_fixup` for UDP's special zero,
+  and :func:`ttl_decrement_csum`, that update for a TTL decrement in two operations.
 
 One's-complement edge cases (the reason this module has docstrings this long)
 ---------------------------------------------------------------------------
@@ -46,6 +47,7 @@ never read outside the row they are given.
 
 from __future__ import annotations
 
+import sys
 from typing import Union
 
 import numpy as np
@@ -310,6 +312,30 @@ def csum_replace_addr_port(
     t = np.add(np.invert(_as_u16(csum)), np.invert(_as_u32(old32)), dtype=np.int64)
     t = t + _as_u32(new32) + np.invert(_as_u16(old16)) + _as_u16(new16)
     return _done(np.asarray(t), out)
+
+
+def ttl_decrement_csum(csum: np.ndarray, out: np.ndarray, byte_order: str = "big") -> np.ndarray:
+    """IPv4 header checksums after the TTL drops by one, from the checksums before; into ``out``.
+
+    The TTL shares a 16-bit word with the protocol; TTL - 1 changes that word
+    ``m`` to ``m - 0x100``, and in RFC 1624 eqn. 3 ``~m + (m - 0x100)`` is
+    0xFEFF whatever ``m`` is (TTL >= 1): the new checksum is the old one plus
+    0x100 in one's complement, and with :func:`csum_replace16`'s
+    representation of zero (never 0xFFFF) that is ``(HC + 0x100) mod 0xFFFF``.
+
+    ``csum``: ``uint16`` checksum fields; ``out``: ``uint32`` scratch of the
+    same shape (the sum needs 17 bits). ``byte_order="native"``: the fields
+    are the two bytes read as a native ``uint16`` (a native view of the frames,
+    no byte swap); one's-complement sums commute with a byte swap, so on a
+    little-endian machine the increment is 1 instead of 0x100. Equal to
+    :func:`csum_replace16` for every checksum (``tests/test_checksum.py``).
+    """
+    if byte_order not in ("big", "native"):
+        raise ValueError(f"byte_order must be 'big' or 'native', not {byte_order!r}")
+    inc = 1 if byte_order == "native" and sys.byteorder == "little" else 0x100
+    np.add(csum, inc, out=out, dtype=np.uint32)
+    np.remainder(out, 0xFFFF, out=out)
+    return out
 
 
 def udp_csum_fixup(old_csum: ArrayLike, new_csum: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:

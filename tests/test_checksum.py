@@ -311,3 +311,34 @@ def test_replace_addr_port_equals_recompute(words: list[int], data) -> None:
     # Vectorized form agrees with the scalar one.
     arr = C.csum_replace_addr_port(np.array([hc, hc], np.uint16), np.array([old_addr] * 2, np.uint32), new_addr, words[3], new_port)
     assert arr.tolist() == [got, got]
+
+
+# --- the TTL decrement ----------------------------------------------------------
+
+
+def test_ttl_decrement_csum_is_csum_replace16_for_every_checksum_and_ttl() -> None:
+    every = np.arange(0x10000, dtype=np.uint32).astype(np.uint16)
+    big = C.ttl_decrement_csum(every, np.zeros(0x10000, np.uint32)).astype(np.uint16)
+    for ttl in (1, 2, 64, 255):  # the result must not depend on the TTL:protocol word
+        for proto in (1, 6, 17, 255):
+            w = np.uint16(ttl << 8 | proto)
+            assert np.array_equal(big, C.csum_replace16(every, w, np.uint16(w - 0x100)))
+    # "native": the same map on the field's two bytes as a native uint16 view reads them.
+    as_read = every.astype(">u2").view(np.uint16)
+    native = C.ttl_decrement_csum(as_read, np.zeros(0x10000, np.uint32), "native").astype(np.uint16)
+    assert np.array_equal(native, big.astype(">u2").view(np.uint16))
+    with pytest.raises(ValueError):
+        C.ttl_decrement_csum(every, np.zeros(0x10000, np.uint32), "little")
+
+
+@SETTINGS
+@given(st.binary(min_size=20, max_size=20), st.integers(1, 255))
+def test_ttl_decrement_csum_equals_a_full_recompute(hdr: bytes, ttl: int) -> None:
+    h = bytearray(hdr)
+    h[0], h[8], h[10:12] = 0x45, ttl, b"\x00\x00"  # a real header's version nibble: never all zero
+    h[10:12] = ref_csum(bytes(h)).to_bytes(2, "big")
+    after = bytearray(h)
+    after[8] = ttl - 1
+    after[10:12] = b"\x00\x00"
+    before = np.array([int.from_bytes(h[10:12], "big")], np.uint16)
+    assert int(C.ttl_decrement_csum(before, np.zeros(1, np.uint32))[0]) == ref_csum(bytes(after))
