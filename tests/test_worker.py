@@ -239,7 +239,7 @@ def test_a_worker_stopped_inside_a_pass_cannot_be_fenced_and_an_idle_one_is(gate
             pin.peer_send(fr, l)
 
     try:
-        assert _load("_stop_util").stop_when(w.pid, words[0], True, feed), "never caught the worker inside a pass"
+        assert _load("_stop_util").stop_when(w.pid, words, True, feed), "never caught the worker inside a pass"
         before = [int(x[W_OWNER]) for x in words]
         assert fence(words[0], w.pid) == FENCE_BUSY
         assert [int(x[W_OWNER]) for x in words] == before, "a refused fence changes nothing"
@@ -249,7 +249,7 @@ def test_a_worker_stopped_inside_a_pass_cannot_be_fenced_and_an_idle_one_is(gate
             feed()
         assert w.poll() is None
 
-        assert _load("_stop_util").stop_when(w.pid, words[0], False), "never caught the worker between passes"
+        assert _load("_stop_util").stop_when(w.pid, words, False), "never caught the worker between passes"
         assert all(fence(x, w.pid) == FENCED for x in words)
         assert all(hand_back(x, w.pid) for x in words)
         snap = [(int(x[W_OWNER]), int(x[W_RX_CURSOR]), int(x[2]), int(x[3])) for x in words]

@@ -115,7 +115,7 @@ def test_a_stopped_worker_is_fenced_and_replaced_while_still_stopped(tree) -> No
     mem, words = _queue_words(inst, 0)
     try:
         inst.stopped = [old]
-        assert stop_util.stop_when(old, words[0], want_busy=False), "never caught the worker between passes"
+        assert stop_util.stop_when(old, words, want_busy=False), "never caught the worker between passes"
         taken = u.wait_for(lambda: all(unpack_owner(int(w[W_OWNER]))[0] not in (0, old) for w in words), 10, "the queues fenced and taken")
         assert taken and _stopped(old), "replaced while the hung worker is still stopped"
         os.kill(old, signal.SIGCONT)
@@ -135,7 +135,7 @@ def test_a_worker_hung_inside_a_pass_is_killed_before_its_queues_move(tree) -> N
     mem, words = _queue_words(inst, 0)
     try:
         inst.stopped = [old]
-        assert stop_util.stop_when(old, words[0], want_busy=True), "never caught the worker inside a pass"
+        assert stop_util.stop_when(old, words, want_busy=True), "never caught the worker inside a pass"
         seen_alive_with_new_owner = []
 
         def replaced():
@@ -177,7 +177,7 @@ def test_a_fenced_worker_resumed_exits_without_touching_its_queues(tree) -> None
     mem, words = _queue_words(inst, 0)
     try:
         inst.stopped = [old]
-        assert stop_util.stop_when(old, words[0], want_busy=False), "never caught the worker between passes"
+        assert stop_util.stop_when(old, words, want_busy=False), "never caught the worker between passes"
         for w in words:
             _, gen = unpack_owner(int(w[W_OWNER]))
             w[W_OWNER] = pack_owner(holder.pid, (gen + 1) & 0xFFFFFFFF)
