@@ -223,6 +223,7 @@ class Worker:
         self.scratch = [np.empty((MAX_BURST, -(-q.rx.rx_data.shape[1] // 8) * 8), np.uint8) for q in (self.inq, self.outq)]
         self._taken_over: dict[str, int] = {}  # queue -> the pid it was taken from (dead, or fenced out)
         self._process = [lambda f, l, v, d=d: self.pipeline.process(d, f, l, v) for d in (0, 1)]
+        self._books = np.zeros(6, np.uint64)  # one burst's figures, added to the counter block at once
         self.owned: dict[str, int] = {}
         self.parked = candidate
         self.inbox: collections.deque = collections.deque()
@@ -584,11 +585,10 @@ class Worker:
             done = run_burst(rxq, otherq, self._process[direction], self.scratch[direction], max_burst)
             if done is None:
                 continue
-            b, to_other, to_same, ko, ks = done
+            b, to_other, to_same, ko, ks, rx_bytes = done
             n, lengths = b.n, b.lengths
             total += n
-            # The books, once the burst is done.
-            c.count_rx(n, int(lengths.sum()))
+            # The books, once the burst is done: one vectorized add for the six figures.
             if not b.all_valid:
                 from hotplane.secondary.forward import RX_TO_COUNTER
 
@@ -596,7 +596,10 @@ class Worker:
                     if cnt:
                         c.count_drop(int(reason), cnt)
             sent = ko + ks
-            sent_bytes = (int(lengths[to_other[:ko]].sum()) if ko else 0) + (int(lengths[to_same[:ks]].sum()) if ks else 0)
+            if ko == n:
+                sent_bytes = int(_sum(lengths))
+            else:
+                sent_bytes = (int(_sum(lengths[to_other[:ko]])) if ko else 0) + (int(_sum(lengths[to_same[:ks]])) if ks else 0)
             if ko < to_other.size:
                 c.count_drop(_TX_FULL, to_other.size - ko)
             if ks < to_same.size:
@@ -604,12 +607,14 @@ class Worker:
             # A frame that found no TX slot was counted as forwarded by the pipeline and
             # as a tx_ring_full drop above: take it out of forwarded so the books balance.
             lost_tx = (to_other.size + to_same.size) - sent
-            c.count_forwarded(p.forwarded - lost_tx if p.forwarded >= lost_tx else 0)
-            c.count_punted(p.punted - max(0, lost_tx - p.forwarded))
+            books = self._books
+            books[0], books[1], books[2], books[3] = n, rx_bytes, sent, sent_bytes
+            books[4] = p.forwarded - lost_tx if p.forwarded >= lost_tx else 0
+            books[5] = p.punted - max(0, lost_tx - p.forwarded)
+            c.count_burst(books)
             if p.drops.any():
                 c.add_drop_counts(p.drops)
                 p.drops[:] = 0
-            c.count_tx(sent, sent_bytes)
         if p.emit:
             self._send_emitted()
         return total
@@ -859,6 +864,7 @@ def warm_up(w: Worker) -> None:
 from hotplane.schema.counters import DROP_REASONS  # noqa: E402
 
 _TX_FULL = DROP_REASONS.index("tx_ring_full")
+_sum = np.add.reduce
 
 
 def main(argv: list[str]) -> int:

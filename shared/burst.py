@@ -197,8 +197,13 @@ class Burst:
         return f"Burst(n={self.n}, start={self.start}, cursor={self.cursor}, all_valid={self.all_valid})"
 
 
+_NO_LENGTHS = np.zeros(0, np.uint32)
+_NO_LENGTHS.flags.writeable = False
+
+
 def _empty_burst(q: Queue, i: int, cur: int) -> Burst:
-    return Burst(q.rx.rx_data[i:i], np.zeros(0, np.uint32), q._ones[:0], True, _NO_DROPS, 0, i, cur)
+    # An idle poll (most polls of a quiet queue) allocates nothing.
+    return Burst(q.rx.rx_data[i:i], _NO_LENGTHS, q._ones[:0], True, _NO_DROPS, 0, i, cur)
 
 
 def rx_burst(q: Queue, max_n: int = 256) -> Burst:

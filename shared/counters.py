@@ -109,6 +109,13 @@ class CounterBlock:
         w[_TX_PACKETS] = (w.item(_TX_PACKETS) + packets) & _M64
         w[_TX_BYTES] = (w.item(_TX_BYTES) + nbytes) & _M64
 
+    def count_burst(self, delta: np.ndarray) -> None:
+        """Add one burst's figures at once: ``delta`` is ``uint64[6]`` in :data:`SCALAR_COUNTERS`
+        order (rx packets, rx bytes, tx packets, tx bytes, forwarded, punted); one vectorized
+        add (wrapping modulo 2**64) instead of a load and a store per figure."""
+        w = self._words[: len(SCALAR_COUNTERS)]
+        np.add(w, delta, out=w)
+
     def count_forwarded(self, n: int) -> None:
         """Add packets forwarded by the fast path."""
         self._add(_FORWARDED, n)
