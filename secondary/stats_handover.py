@@ -53,16 +53,25 @@ class Exporter:
         class Server(ThreadingWSGIServer):
             address_family = sock.family
 
-        class Handler(_QuietHandler):
-            def handle(self) -> None:
+            # Counted from the accept, in the accepting thread: counted in the request's own
+            # thread, a connection accepted just before a pause could look idle to it, and the
+            # process exit that follows a release would cut that request off.
+            def process_request(self, request: Any, client_address: Any) -> None:
                 with exporter.idle:
                     exporter.active += 1
                 try:
-                    super().handle()
+                    super().process_request(request, client_address)
+                except BaseException:
+                    exporter._done()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
                 finally:
-                    with exporter.idle:
-                        exporter.active -= 1
-                        exporter.idle.notify_all()
+                    exporter._done()
+
+        Handler = _QuietHandler
 
         srv = Server(sock.getsockname()[:2], Handler, bind_and_activate=False)
         srv.socket.close()
@@ -76,6 +85,11 @@ class Exporter:
         self.sock = sock
         self._thread: threading.Thread | None = None
         self.lock = threading.Lock()
+
+    def _done(self) -> None:
+        with self.idle:
+            self.active -= 1
+            self.idle.notify_all()
 
     @property
     def address(self) -> tuple[str, int]:
