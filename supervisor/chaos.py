@@ -82,6 +82,7 @@ DATA_PATH_KINDS = {"worker", "stop", "candidate", "upgrade"}
 CANDIDATE_STEPS = ("SPAWNED", "ATTACHED", "VALIDATED", "WARM", "READY")
 FIRST_FAULT_AT = 3.0  # seconds of clean traffic before the first fault (a baseline)
 POLL = 0.005
+CATCH_UP_S = 3.0  # at most this long for the sink to catch up with the generator after a settle
 
 
 class Usage(Exception):
@@ -351,6 +352,11 @@ class Chaos:
             r.failures.append(f"injection failed: {type(e).__name__}: {e}")
         # Let traffic run after recovery so the sink sees any gap, then compare.
         time.sleep(self.a.settle)
+        # A loaded machine can leave the sink behind the generator; a gap it has not read yet
+        # would be booked to the next fault (or to none). Wait, bounded, until it has accounted
+        # for everything the generator had delivered by now.
+        mark = self.probe.figures()["gen_packets"]
+        wait_for(lambda: (lambda g: g["sink_packets"] + g["lost"] >= mark)(self.probe.figures()), CATCH_UP_S)
         after = self.probe.figures()
         keys_after = self.probe.session_keys()
         r.lost = after["lost"] - before["lost"]
