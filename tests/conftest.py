@@ -17,6 +17,52 @@ import pytest
 HUGEPAGES_FREE_NEEDED = 64  # 128 MiB of 2 MiB pages free: a few 16 MiB test instances at once
 
 
+#: xdist groups: the tests of a group run in one worker, one after another.
+#: ``lab``: the lab's fixed namespaces (hp-inside, hp-outside, hp-gw). ``hugepages``: the
+#: hugepage pool and the hugetlbfs mounts every process discovers. ``upgrade``, ``chaos``,
+#: ``supervisor``: whole instances under load whose tests judge timing (heartbeats,
+#: deadlines, recovery), one at a time per group. Everything else (unique prefixes,
+#: private runtime dirs, throwaway namespaces) runs side by side.
+GROUPS = {
+    "upgrade": {"test_upgrade.py"},
+    "lab": {"test_lab.py", "test_nat_lab.py", "test_gen_sink.py", "test_chaos_lab.py"},
+    "chaos": {"test_chaos.py"},
+    "supervisor": {"test_supervisor.py"},
+    "hugepages": {"test_memory.py", "test_deploy.py", "test_faults.py"},
+}
+_GROUP_OF = {m: g for g, mods in GROUPS.items() for m in mods}
+#: Handed out first (the longest chains): started late, one of them would be the run's tail.
+FIRST = ("upgrade", "lab")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Unix socket paths are at most 107 bytes, and the runtime directories of the test
+    # instances live under tmp_path: pytest's default base (/tmp/pytest-of-root/pytest-N,
+    # plus popen-gwN under xdist) leaves too little room for RUN/PREFIX/upgrade/wPID.sock.
+    # A short base of our own, removed when the run ends (by the controlling process).
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        import tempfile
+
+        config.option.basetemp = tempfile.mkdtemp(prefix="hpt-", dir="/tmp")
+        config._hotplane_basetemp = config.option.basetemp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = getattr(config, "_hotplane_basetemp", None)
+    if base:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = _GROUP_OF.get(item.path.name) or ("hugepages" if "hugepages" in getattr(item, "fixturenames", ()) else None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    order = {g: i for i, g in enumerate(FIRST)}
+    items.sort(key=lambda it: order.get(_GROUP_OF.get(it.path.name, ""), len(order)))
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"hugepages: {_hugepage_status()}"]
 
