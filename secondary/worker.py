@@ -78,7 +78,7 @@ EXIT_FENCED = 3  # another process owns our queue now: exit without touching it
 
 MAX_BURST = 512  # --burst limit (the burst journal counts to 1023)
 IDLE_SLEEP_MIN = 20e-6
-IDLE_SLEEP_MAX = 1e-3
+IDLE_SLEEP_MAX = 2e-3  # an idle worker wakes 500 times a second at most (a light one: about that)
 TICK_INTERVAL = 0.01
 PARKED_WAIT = 0.05  # longest sleep of a parked worker between looks at its stop flag
 
