@@ -143,7 +143,8 @@ EAL_HELP = """EAL options (before --):
   --base-virtaddr ADDR    fixed virtual address of the shared memory (primary only)
   --no-huge               use 4 KiB shared memory instead of hugepages (primary only)
   --lcores LIST           CPU affinity, e.g. 0-1,3
-  --vdev SPEC             add a port (ring:NAME, af_packet:IFACE, pcap:FILE), repeatable"""
+  (DPDK's --vdev is refused: ports are the application's options, e.g. hotplane primary
+   -- --inside ring:in --outside af_packet:eth1)"""
 
 
 def parse_eal(argv: list[str], *, prog: str = "hotplane", role: str | None = None) -> EalOptions:
@@ -179,6 +180,9 @@ def parse_eal(argv: list[str], *, prog: str = "hotplane", role: str | None = Non
 
 def validate(opts: EalOptions, *, role: str | None = None) -> None:
     """Reject contradictory combinations with a message saying which options clash."""
+    if opts.vdevs:
+        raise UsageError(f"--vdev {opts.vdevs[0]}: hotplane has no virtual devices; name ports in the application's options "
+                         "(hotplane primary -- --inside SPEC --outside SPEC, with ring:NAME, af_packet:IFACE or pcap:FILE)")
     if not PREFIX_RE.match(opts.file_prefix):
         raise UsageError(f"--file-prefix {opts.file_prefix!r}: use 1-32 letters, digits, '.', '_' or '-'")
     if role is not None:

@@ -18,11 +18,12 @@ def test_defaults_and_app_args():
 
 def test_all_options():
     o = parse_eal(["--file-prefix", "gw1", "--proc-type", "primary", "--huge-dir", "/dev/hugepages", "--socket-mem", "64,64",
-                   "--base-virtaddr", "0x200000000000", "--lcores", "0", "--vdev", "ring:in", "--vdev", "ring:out"])
+                   "--base-virtaddr", "0x200000000000", "--lcores", "0"])
     assert o.socket_mem_mb == 128
     assert o.base_virtaddr == 0x200000000000
     assert o.lcores == [0]
-    assert o.vdevs == ["ring:in", "ring:out"]
+    with pytest.raises(UsageError, match="--vdev ring:in: hotplane has no virtual devices"):
+        parse_eal(["--vdev", "ring:in"])
     assert parse_eal(o.to_argv()).to_argv() == o.to_argv()
 
 
