@@ -79,7 +79,10 @@ from typing import Any, Callable
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 KILL_KINDS = ("worker", "stats", "primary", "candidate", "supervisor")
 DATA_PATH_KINDS = {"worker", "stop", "candidate", "upgrade"}
-CANDIDATE_STEPS = ("SPAWNED", "ATTACHED", "VALIDATED", "WARM", "READY")
+#: The upgrade steps a candidate kill lands at, in protocol order: before the swap (the old
+#: version never stopped) and after it (the candidate owns the queues; before the commit the
+#: upgrade reverts to the parked old processes, after it the supervisor restarts the unit).
+CANDIDATE_STEPS = ("SPAWNED", "ATTACHED", "VALIDATED", "MIGRATED", "WARM", "READY", "SWAPPED")
 FIRST_FAULT_AT = 3.0  # seconds of clean traffic before the first fault (a baseline)
 POLL = 0.005
 CATCH_UP_S = 3.0  # at most this long for the sink to catch up with the generator after a settle
@@ -112,6 +115,7 @@ def make_schedule(seed: int, duration: float, kinds: list[str], *, interval: flo
     if pool and mean_gap:
         t = FIRST_FAULT_AT
         bag: list[str] = []
+        steps: list[str] = []  # candidate kills cycle through every step before one repeats
         while t < horizon:
             if not bag:
                 bag = list(pool)
@@ -120,7 +124,12 @@ def make_schedule(seed: int, duration: float, kinds: list[str], *, interval: flo
             program = {"worker": None, "stop": None, "stats": "stats", "primary": "primary", "supervisor": "supervisor", "candidate": None}[kind]
             if kind in ("worker", "stop", "candidate"):
                 program = f"worker-{rng.randrange(workers)}"
-            step = rng.choice(CANDIDATE_STEPS) if kind == "candidate" else None
+            step = None
+            if kind == "candidate":
+                if not steps:
+                    steps = list(CANDIDATE_STEPS)
+                    rng.shuffle(steps)
+                step = steps.pop()
             out.append(Fault(0, round(t, 3), kind, program, step))
             # interval: +-20 % jitter around it; rate: exponential gaps (a Poisson process)
             gap = interval * rng.uniform(0.8, 1.2) if interval is not None else rng.expovariate(1.0 / mean_gap)
@@ -290,6 +299,7 @@ class Result:
     kind: str
     program: str | None
     scheduled_at: float
+    step: str | None = None  # candidate: the upgrade step it was scheduled at
     injected_at: float | None = None
     pid: int | None = None
     new_pid: int | None = None
@@ -341,7 +351,7 @@ class Chaos:
     # ------------------------------------------------------------------ one fault
 
     def run_fault(self, f: Fault, t0: float) -> Result:
-        r = Result(f.seq, f.kind, f.program, f.at)
+        r = Result(f.seq, f.kind, f.program, f.at, f.step)
         before = self.probe.figures()
         keys_before = self.probe.session_keys()
         r.sessions_before = len(keys_before)
@@ -564,24 +574,32 @@ class Chaos:
         r.recovery_s = r.ready_s = time.monotonic() - t
 
     def _inject_candidate(self, f: Fault, r: Result) -> None:
-        """Start an upgrade; SIGKILL the first candidate at the scheduled step; the old version must carry on."""
-        import psutil
-
+        """Start an upgrade of the workers; SIGKILL the scheduled worker's candidate once it reached the
+        scheduled step (or a later one); before the commit the old version must carry on."""
         before = {n: p["pid"] for n, p in programs(self.prefix).items()}
         box: dict[str, Any] = {}
-        th = threading.Thread(target=lambda: box.setdefault("r", self._upgrade(self.a.upgrade_to, self.a.recovery_timeout + 60)), daemon=True)
+        # A short park: a kill after the commit leaves the upgrade parked, and the next fault's
+        # upgrade must not find one still running.
+        # Only the workers are upgraded: the kill is aimed at the scheduled worker's candidate, and
+        # two candidates start in half the time of four.
+        extra = ["--park-time", "1", "--only", "worker"]
+        th = threading.Thread(target=lambda: box.setdefault("r", self._upgrade(self.a.upgrade_to, self.a.recovery_timeout + 60, extra)), daemon=True)
         th.start()
         want = CANDIDATE_STEPS.index(f.step)
 
+        running = set(before.values())
+
         def candidate_at_step():
             st = sup_call(self.prefix, "upgrade_status")
+            if st.get("phase") in (None, "IDLE", "DONE"):
+                return None  # not started yet (or the previous upgrade's status)
             for unit, u in (st.get("units") or {}).items():
-                step = u.get("step")
-                if step in CANDIDATE_STEPS and CANDIDATE_STEPS.index(step) >= want:
-                    for p in psutil.process_iter(["pid", "cmdline"]):
-                        cmd = p.info["cmdline"] or []
-                        if "--candidate" in cmd and self.prefix in cmd and f"{unit.split('-')[-1]}" in cmd:
-                            return unit, step, p.pid
+                if f.program and unit != f.program:
+                    continue
+                step, pid = u.get("step"), u.get("cand_pid")
+                # This upgrade's candidate: not a process that was already running before it.
+                if pid and pid not in running and step in CANDIDATE_STEPS and CANDIDATE_STEPS.index(step) >= want:
+                    return unit, step, pid
             return None
 
         hit = wait_for(candidate_at_step, self.a.recovery_timeout, step=0.01)
@@ -597,6 +615,7 @@ class Chaos:
         th.join(self.a.recovery_timeout + 60)
         res = _last_json(box["r"].stdout) if "r" in box else {}
         r.detail["upgrade_result"] = res.get("result") or res.get("phase")
+        committed = res.get("result") == "committed" or res.get("phase") == "COMMITTED"  # a kill after the commit point
         after = wait_for(lambda: (lambda p: p if all(x["state"] in ("READY", "RUNNING") for x in p.values()) else None)(programs(self.prefix)),
                          self.a.recovery_timeout, step=0.05)
         if not after:
@@ -604,7 +623,7 @@ class Chaos:
             return
         r.recovery_s = r.ready_s = time.monotonic() - t_kill
         changed = sorted(n for n, pid in before.items() if n in after and after[n]["pid"] != pid)
-        if changed and res.get("result") not in ("committed",):
+        if changed and not committed:
             r.failures.append(f"a failed upgrade replaced running programs: {', '.join(changed)}")
 
     # ------------------------------------------------------------------ whole run

@@ -74,7 +74,10 @@ def upgrade(inst, *args: str, timeout: float = 120) -> tuple[dict, list[str]]:
 
 def rollback(inst) -> dict:
     r = u.ctl(inst, "--json", "rollback", timeout=90)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if "result" not in res:  # an error object: say what supervisorctl said
+        res["stderr"], res["exit"] = r.stderr[-2000:], r.returncode
+    return res
 
 
 def commit(inst) -> dict:

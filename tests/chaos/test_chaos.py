@@ -22,7 +22,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CI_ARGS = ["--duration", "45", "--seed", "20251122", "--interval", "5", "--stop", "--kill", "worker,stats,primary,supervisor"]
+CI_ARGS = ["--duration", "45", "--seed", "20251122", "--interval", "5", "--stop", "--kill", "worker,stats,primary,supervisor,candidate",
+           "--upgrade-every", "20"]
+#: Candidate kills only, one at each upgrade step (the steps cycle, seed-shuffled, before any repeats).
+STEP_ARGS = ["--duration", "75", "--seed", "15", "--interval", "9", "--kill", "candidate"]
+
+
+@pytest.fixture(scope="module")
+def other_build(tmp_path_factory) -> str:
+    """Another build to upgrade to: a copy of this tree with another version."""
+    dst = tmp_path_factory.mktemp("build") / "hotplane"
+    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", "tests"))
+    init = dst / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "chaos-', 1))
+    return str(dst)
 
 
 def chaos(inst, *args: str, timeout: float = 170) -> subprocess.CompletedProcess:
@@ -59,17 +72,20 @@ def inst(instance):
 
 
 def test_schedule_is_a_function_of_the_seed(inst) -> None:
-    from hotplane.supervisor.chaos import KILL_KINDS, make_schedule
+    from hotplane.supervisor.chaos import CANDIDATE_STEPS, KILL_KINDS, make_schedule
 
     def sched(*extra: str) -> dict:
-        r = chaos(inst, "--schedule-only", "--json", *CI_ARGS, *extra, timeout=60)
+        r = chaos(inst, "--schedule-only", "--json", *CI_ARGS, "--upgrade-to", str(REPO), *extra, timeout=60)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
     a, b = sched(), sched()
     assert a == b and a["fingerprint"] == b["fingerprint"]
     kinds = [f["kind"] for f in a["schedule"]]
-    assert {"worker", "stats", "primary", "supervisor", "stop"} <= set(kinds), kinds
+    assert {"worker", "stats", "primary", "supervisor", "stop", "candidate", "upgrade"} <= set(kinds), kinds
+    # Candidate kills visit every upgrade step before any step twice.
+    steps = [f["step"] for f in make_schedule_doc(inst, *STEP_ARGS)["schedule"]]
+    assert sorted(steps[: len(CANDIDATE_STEPS)]) == sorted(CANDIDATE_STEPS), steps
     assert sched("--seed", "7")["schedule"] != a["schedule"], "another seed, another schedule"
     # Every requested kind appears before any appears twice (shuffled rounds), for any seed.
     for seed in range(20):
@@ -82,18 +98,24 @@ def test_schedule_is_a_function_of_the_seed(inst) -> None:
     assert r.returncode == 2 and "-p PREFIX" in r.stderr
 
 
+def make_schedule_doc(inst, *args: str) -> dict:
+    r = chaos(inst, "--schedule-only", "--json", *args, "--upgrade-to", str(REPO), timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 @pytest.mark.timeout(200)
-def test_ci_chaos_run_every_process_kind(inst) -> None:
-    r = chaos(inst, "--build", "ring", "--json", *CI_ARGS)
+def test_ci_chaos_run_every_process_kind(inst, other_build) -> None:
+    r = chaos(inst, "--build", "ring", "--json", *CI_ARGS, "--upgrade-to", other_build)
     assert r.stdout.strip(), f"no report (exit {r.returncode}): {r.stderr[-2000:]}"
     doc = json.loads(r.stdout)
     print(r.stderr[-4000:])
     # Replay: the faults injected are the schedule, in its order, and the schedule is the seed's.
-    replay = json.loads(chaos(inst, "--schedule-only", "--json", *CI_ARGS, timeout=60).stdout)
+    replay = json.loads(chaos(inst, "--schedule-only", "--json", *CI_ARGS, "--upgrade-to", other_build, timeout=60).stdout)
     assert doc["fingerprint"] == replay["fingerprint"]
     injected = [(f["seq"], f["kind"], f["program"]) for f in doc["faults"]]
     assert injected == [(f["seq"], f["kind"], f["program"]) for f in replay["schedule"]][: len(injected)]
-    assert {f["kind"] for f in doc["faults"]} >= {"worker", "stats", "primary", "supervisor", "stop"}, injected
+    assert {f["kind"] for f in doc["faults"]} >= {"worker", "stats", "primary", "supervisor", "stop", "candidate", "upgrade"}, injected
     t = doc["totals"]
     assert t["sessions_start"] > 0 and t["sessions_lost"] == 0, t
     assert all(f["sessions_lost"] == 0 for f in doc["faults"])
@@ -118,8 +140,10 @@ def test_a_worker_that_loses_its_cursor_fails_the_run(inst, tmp_path: Path) -> N
     src = worker.read_text()
     assert src.count(BROKEN_FROM) == 1, "secondary/worker.py claim_queues changed: update the broken variant"
     worker.write_text(src.replace(BROKEN_FROM, BROKEN_TO))
-    r = chaos(inst, "--build", "ring", "--tree", str(tree), "--json", "--duration", "16", "--seed", "5", "--interval", "4",
-              "--kill", "worker", "--recovery-timeout", "10")
+    # A light load: no ring fills during a restart, so every frame the broken worker skips is a loss
+    # no generator refusal can excuse.
+    r = chaos(inst, "--build", "ring", "--tree", str(tree), "--json", "--duration", "14", "--seed", "5", "--interval", "4",
+              "--kill", "worker", "--recovery-timeout", "10", "--traffic-rate", "200")
     assert r.stdout.strip(), f"no report (exit {r.returncode}): {r.stderr[-2000:]}"
     doc = json.loads(r.stdout)
     print("\n".join(doc["failures"]))
@@ -127,3 +151,22 @@ def test_a_worker_that_loses_its_cursor_fails_the_run(inst, tmp_path: Path) -> N
     worker_faults = [f for f in doc["faults"] if f["kind"] == "worker"]
     assert worker_faults and all(f["failures"] for f in worker_faults), worker_faults
     assert any("lost" in x and "entered a ring" in x for f in worker_faults for x in f["failures"]), doc["failures"]
+
+
+@pytest.mark.timeout(200)
+def test_ci_chaos_kills_a_candidate_at_every_upgrade_step(inst, other_build) -> None:
+    from hotplane.supervisor.chaos import CANDIDATE_STEPS
+
+    r = chaos(inst, "--build", "ring", "--json", *STEP_ARGS, "--upgrade-to", other_build)
+    assert r.stdout.strip(), f"no report (exit {r.returncode}): {r.stderr[-2000:]}"
+    doc = json.loads(r.stdout)
+    print(r.stderr[-4000:])
+    assert doc["verdict"] == "PASS" and r.returncode == 0, "\n".join(doc["failures"])
+    faults = [f for f in doc["faults"] if f["kind"] == "candidate"]
+    # Each step was reached and the kill landed there or at the next step the poll saw.
+    assert {f["step"] for f in faults} == set(CANDIDATE_STEPS), [f["step"] for f in faults]
+    for f in faults:
+        at = f["detail"]["step_at_kill"]
+        assert CANDIDATE_STEPS.index(at) >= CANDIDATE_STEPS.index(f["step"]), f
+        assert f["sessions_lost"] == 0 and f["duplicated"] == 0 and f["corrupted"] == 0 and f["lost"] <= f["loss_bound"], f
+    assert doc["totals"]["sessions_lost"] == 0
