@@ -234,8 +234,6 @@ class Primary:
 
 
 async def _serve(primary: Primary, app: argparse.Namespace) -> None:
-    from hotplane.shared import ipc
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -272,10 +270,6 @@ async def _serve(primary: Primary, app: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     opts = parse_or_exit(argv, prog="hotplane primary", role="primary")
-    if opts.vdevs:
-        print(f"hotplane primary: --vdev {opts.vdevs[0]} is not supported: name the gateway's ports with "
-              "-- --inside SPEC --outside SPEC (ring:NAME, af_packet:IFACE or pcap:FILE[,mode=capture])", file=sys.stderr)
-        return EXIT_USAGE
     try:
         app = app_parser().parse_args(opts.app_args)
     except SystemExit as e:

@@ -181,7 +181,7 @@ def parse_eal(argv: list[str], *, prog: str = "hotplane", role: str | None = Non
 def validate(opts: EalOptions, *, role: str | None = None) -> None:
     """Reject contradictory combinations with a message saying which options clash."""
     if opts.vdevs:
-        raise UsageError(f"--vdev {opts.vdevs[0]}: hotplane has no virtual devices; name ports in the application's options "
+        raise UsageError(f"--vdev {opts.vdevs[0]} is not supported: hotplane has no virtual devices; name ports in the application's options "
                          "(hotplane primary -- --inside SPEC --outside SPEC, with ring:NAME, af_packet:IFACE or pcap:FILE)")
     if not PREFIX_RE.match(opts.file_prefix):
         raise UsageError(f"--file-prefix {opts.file_prefix!r}: use 1-32 letters, digits, '.', '_' or '-'")
