@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 CI_ARGS = ["--duration", "45", "--seed", "20251122", "--interval", "5", "--stop", "--kill", "worker,stats,primary,supervisor,candidate",
            "--upgrade-every", "20"]
 #: Candidate kills only, one at each upgrade step (the steps cycle, seed-shuffled, before any repeats).
-STEP_ARGS = ["--duration", "75", "--seed", "15", "--interval", "9", "--kill", "candidate"]
+STEP_ARGS = ["--duration", "62", "--seed", "13", "--interval", "7", "--kill", "candidate"]
 
 
 @pytest.fixture(scope="module")
