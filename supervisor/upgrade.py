@@ -300,6 +300,9 @@ class UpgradeShell:
                                max_drops=int(params.get("max_drops", 0)), max_errors=int(params.get("max_errors", 0)),
                                max_heartbeat_age=float(params.get("max_heartbeat_age", 1.0)))
         self.builds = {"old": self._current_program_build(), "new": build}
+        for h in self.timers.values():  # nothing of an earlier upgrade may fire into this one
+            h.cancel()
+        self.timers.clear()
         self.machine = up.UpgradeMachine.new(cfg, units)
         self.lines = [f"target: {build.describe()}"]
         self.cands.clear()
@@ -561,7 +564,12 @@ class UpgradeShell:
         os.replace(tmp, self.state_path)
 
     def _timer(self, name: str, token: int) -> None:
-        self.timers.pop(name, None)
+        h = self.timers.pop(name, None)
+        if h is not None:
+            # Fired early by hand (commit_now): the loop's handle must not fire again later. Every
+            # upgrade's machine numbers its timers from 1, so a stale "park" of an earlier
+            # upgrade would carry a token the current machine accepts and end its park at once.
+            h.cancel()
         self.feed(up.TimerFired(name, token))
 
     def _spawn_task(self, coro) -> None:

@@ -132,10 +132,8 @@ def test_twenty_upgrades_between_two_builds_lose_nothing(tree, builds) -> None:
             cur = versions(p)["worker-0"]
             to, want = (builds["B"], vb) if cur == va else (builds["A"], va)
             before = figures(p)["sink"]["packets"]
-            res, lines = upgrade(inst, "--to", str(to), "--park-time", "60")
-            # COMMITTED (parked), or already DONE with that result if supervisorctl was slow to look.
-            assert res["phase"] == "COMMITTED" or (res["phase"] == "DONE" and res.get("result") == "committed"), \
-                (i, res["phase"], res.get("result"), res["reason"], res["lines"][-12:])
+            res, lines = upgrade(inst, "--to", str(to), "--park-time", "30")
+            assert res["phase"] == "COMMITTED", (i, res["phase"], res.get("result"), res["reason"], res["lines"][-12:])
             assert [x for x in lines if "swapped; old pid" in x], lines
             assert all(res["units"][n]["step"] == "SWAPPED" for n in UNITS), res["units"]
             assert all(versions(p)[n] == want for n in UNITS), versions(p)
@@ -143,7 +141,7 @@ def test_twenty_upgrades_between_two_builds_lose_nothing(tree, builds) -> None:
             gaps += list(res["swap_gaps_us"].values())
             if i == ROLLBACK_AT:
                 rb = rollback(inst)
-                assert rb["result"] == "rolled back", rb
+                assert rb.get("result") == "rolled back", rb
                 want = cur
                 assert all(versions(p)[n] == cur for n in UNITS), versions(p)
                 assert set(live_versions(p).values()) == {2 if cur == vb else 1}, "a rollback copies the sessions back"

@@ -588,3 +588,27 @@ def test_random_sequences_reached_every_phase():
     for ph in ("PREPARING", "SWAPPING", "CANARY", "SWAPPED", "COMMITTED", "REVERTING", "DONE"):
         assert REACHED.get(ph, 0) > 0, (ph, REACHED)
     print("phases reached by the random sequences:", REACHED)
+
+
+def test_a_timer_fired_by_hand_never_fires_again_into_a_later_upgrade() -> None:
+    """``upgrade commit`` fires the park timer by hand; the loop's handle for it must be cancelled.
+    Every upgrade's machine numbers its timers from 1, so a leftover handle of an earlier upgrade
+    carries a token the next machine accepts: it ended that upgrade's park at once (a rollback
+    then found nothing to roll back)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hotplane.supervisor import upgrade_protocol as uproto
+    from hotplane.supervisor.upgrade import UpgradeShell
+
+    async def scenario() -> list:
+        fired: list = []
+        shell = UpgradeShell(SimpleNamespace(loop=asyncio.get_running_loop(), say=lambda *a, **k: None))
+        shell.feed = fired.append  # the machine's input: what the shell's timers deliver
+        shell._do(uproto.ArmTimer("park", 0.05, 1))
+        shell._timer("park", 1)  # commit_now: the park ends now
+        await asyncio.sleep(0.2)  # past the original deadline
+        return fired
+
+    fired = asyncio.run(scenario())
+    assert [(e.name, e.token) for e in fired] == [("park", 1)], fired
