@@ -183,6 +183,7 @@ def test_twenty_upgrades_between_two_builds_lose_nothing(tree, builds) -> None:
         scraper.stop()
     # The stats secondary was replaced 2 x UPGRADES times (and back once) while scraped every 20 ms.
     assert not scraper.failures, scraper.failures[:5]
+    assert len(scraper.disconnects) <= 2, scraper.disconnects  # rare, never repeated (see Scraper.run)
     assert scraper.ok > 100, scraper.ok
     last = scraper.last
     final = versions(p)["worker-0"]
@@ -193,7 +194,7 @@ def test_twenty_upgrades_between_two_builds_lose_nothing(tree, builds) -> None:
     took = [round(h["elapsed_s"], 1) for h in hist[1:]]
     print(f"\nupgrade times s: {took}")
     print(f"\n{UPGRADES} upgrades (one rolled back), every unit, v1<->v2 migrations; swap gaps us: p50 {gaps[len(gaps) // 2]:.0f} "
-          f"p99 {gaps[int(len(gaps) * 0.99)]:.0f} max {gaps[-1]:.0f}; {scraper.ok} scrapes, 0 failed")
+          f"p99 {gaps[int(len(gaps) * 0.99)]:.0f} max {gaps[-1]:.0f}; {scraper.ok} scrapes, 0 failed, {len(scraper.disconnects)} cut off and retried")
 
 
 # --------------------------------------------------------------------------- canary
