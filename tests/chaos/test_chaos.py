@@ -149,7 +149,9 @@ def test_a_worker_that_loses_its_cursor_fails_the_run(inst, tmp_path: Path) -> N
     print("\n".join(doc["failures"]))
     assert r.returncode == 1 and doc["verdict"] == "FAIL"
     worker_faults = [f for f in doc["faults"] if f["kind"] == "worker"]
-    assert worker_faults and all(f["failures"] for f in worker_faults), worker_faults
+    # The run fails, and on a worker fault, for the reason: frames that entered a ring were lost.
+    # (Not every fault need show it: a kill while its ring held nothing skips nothing.)
+    assert worker_faults and any(f["failures"] for f in worker_faults), worker_faults
     assert any("lost" in x and "entered a ring" in x for f in worker_faults for x in f["failures"]), doc["failures"]
 
 
